@@ -1,0 +1,124 @@
+"""Typed settings: the PLD block taken out of a DeepSpeed JSON, and model presets.
+
+DeepSpeed's own keys stay in the JSON and go to deepspeed.initialize untouched; values derived from
+them are read back from the engine, never copied here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pld_ds.errors import UserError
+from pld_ds.model import BertConfig
+
+PLD_KEY = "progressive_layer_drop"
+
+
+class ConfigError(UserError):
+    pass
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class PLDConfig:
+    """The `progressive_layer_drop` block: {"enabled": true, "theta": 0.5, "gamma": 0.001}."""
+
+    enabled: bool = False
+    theta: float = 1.0  # theta-bar: the limit of theta(t), the keep probability of the last layer
+    gamma: float = 0.001  # decay rate of theta per optimizer step
+
+    @classmethod
+    def from_dict(cls, block: Any, source: str = "config") -> PLDConfig:
+        where = f"{source}: {PLD_KEY}"
+        if not isinstance(block, dict):
+            raise ConfigError(f"{where}: expected an object like "
+                              '{"enabled": true, "theta": 0.5, "gamma": 0.001}, got ' + type(block).__name__)
+        problems = []
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in sorted(set(block) - known):
+            problems.append(f"{where}.{key}: unknown key (expected one of: {', '.join(sorted(known))})")
+        enabled = block.get("enabled", cls.enabled)
+        theta = block.get("theta", cls.theta)
+        gamma = block.get("gamma", cls.gamma)
+        if not isinstance(enabled, bool):
+            problems.append(f"{where}.enabled: expected true or false, got {enabled!r}")
+        if not _is_number(theta) or not 0.0 < theta <= 1.0:
+            problems.append(f"{where}.theta: expected a number in (0, 1], got {theta!r}")
+        if not _is_number(gamma) or gamma < 0.0:
+            problems.append(f"{where}.gamma: expected a number >= 0, got {gamma!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(enabled=enabled, theta=float(theta), gamma=float(gamma))
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read {what}: {err}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
+def split_ds_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any], PLDConfig, str]:
+    """(DeepSpeed config without our block, the PLD settings, a name for messages)."""
+    if isinstance(config, dict):
+        source, ds_config = "DeepSpeed config", dict(config)
+    else:
+        source, ds_config = str(config), read_json(config, "DeepSpeed config")
+    block = ds_config.pop(PLD_KEY, None)
+    pld = PLDConfig() if block is None else PLDConfig.from_dict(block, source)
+    return ds_config, pld, source
+
+
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    # For tests and smoke runs: seconds on a CPU.
+    "tiny": dict(hidden_size=64, num_layers=4, num_heads=2, intermediate_size=128, max_position_embeddings=128),
+    # Google's BERT miniatures (Turc et al. 2019) and the two paper sizes.
+    "mini": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
+    "small": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=2048),
+    "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+}
+
+
+def model_config(name_or_file: str, **overrides: Any) -> BertConfig:
+    """A preset name (tiny, mini, small, base, large) or a JSON file of BertConfig fields."""
+    if name_or_file in MODEL_PRESETS:
+        fields, source = dict(MODEL_PRESETS[name_or_file]), f"model preset {name_or_file}"
+    elif name_or_file.endswith(".json"):
+        fields, source = read_json(name_or_file, "model file"), name_or_file
+    else:
+        raise ConfigError(f"--model: expected one of {', '.join(MODEL_PRESETS)} or a .json file, "
+                          f"got {name_or_file!r}")
+    known = {f.name for f in dataclasses.fields(BertConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]} "
+                          f"(expected BertConfig fields: {', '.join(sorted(known))})")
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return BertConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
+    """Embedding rows for a vocabulary, rounded up so the decoder GEMM stays tensor-core aligned."""
+    return multiple * math.ceil(vocab_size / multiple)

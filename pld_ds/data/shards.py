@@ -1,0 +1,87 @@
+"""Open and validate HDF5 shards; every error names the shard and what was expected."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pld_ds.data import schema
+from pld_ds.errors import UserError
+
+
+class ShardError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    num_samples: int
+    seq_len: int
+    max_predictions: int  # 0 for dynamic-masking shards
+    static_masking: bool
+
+
+def find_shards(folder: str | Path, what: str = "--data") -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ShardError(f"{what} {folder}: no such directory (expected a folder of *{schema.SHARD_SUFFIX} shards)")
+    shards = sorted(folder.glob(f"*{schema.SHARD_SUFFIX}"))
+    if not shards:
+        raise ShardError(f"{what} {folder}: no *{schema.SHARD_SUFFIX} shards in this folder")
+    return shards
+
+
+def inspect_shard(path: Path) -> ShardInfo:
+    """Check names, dtypes and shapes without reading the data."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [field.name for field in schema.BASE_FIELDS if field.name not in f]
+            if missing:
+                names = ", ".join(fl.name for fl in schema.BASE_FIELDS)
+                raise ShardError(f"{path}: missing dataset {missing[0]} (expected {names})")
+            static = all(field.name in f for field in schema.MASK_FIELDS)
+            if not static and any(field.name in f for field in schema.MASK_FIELDS):
+                raise ShardError(f"{path}: has only one of masked_lm_positions / masked_lm_ids "
+                                 "(expected both or neither)")
+            fields = schema.ALL_FIELDS if static else schema.BASE_FIELDS
+            num, seq = f[schema.INPUT_IDS.name].shape[0], f[schema.INPUT_IDS.name].shape[-1]
+            max_pred = f[schema.MASKED_LM_IDS.name].shape[-1] if static else 0
+            for field in fields:
+                data = f[field.name]
+                if data.dtype.kind not in "iu":
+                    raise ShardError(f"{path}: {field.name} has dtype {data.dtype} (expected integers, {field.dtype})")
+                want = schema.expected_shape(field, num, seq, max_pred)
+                # NVIDIA's next_sentence_labels is [N]; accept [N, 1] too.
+                if data.shape != want and not (field.dims == () and data.shape == (num, 1)):
+                    raise ShardError(f"{path}: {field.name} has shape {data.shape} (expected {want})")
+    except OSError as err:
+        raise ShardError(f"{path}: not a readable HDF5 shard ({err})") from None
+    return ShardInfo(path, num, seq, max_pred, static)
+
+
+def read_shard(info: ShardInfo, vocab_size: int) -> dict[str, np.ndarray]:
+    fields = schema.ALL_FIELDS if info.static_masking else schema.BASE_FIELDS
+    try:
+        with h5py.File(info.path, "r") as f:
+            arrays = {field.name: f[field.name][:] for field in fields}
+    except OSError as err:
+        raise ShardError(f"{info.path}: cannot read shard data ({err})") from None
+    arrays[schema.NEXT_SENTENCE_LABELS.name] = arrays[schema.NEXT_SENTENCE_LABELS.name].reshape(-1)
+    for name in (schema.INPUT_IDS.name, schema.MASKED_LM_IDS.name):
+        if name in arrays and arrays[name].size and (arrays[name].min() < 0 or arrays[name].max() >= vocab_size):
+            raise ShardError(f"{info.path}: {name} holds token ids outside [0, {vocab_size}) "
+                             "(expected ids of the model's vocabulary)")
+    return arrays
+
+
+def inspect_all(paths: list[Path], seq_len: int | None = None) -> list[ShardInfo]:
+    infos = [inspect_shard(p) for p in paths]
+    seq_len = seq_len or infos[0].seq_len
+    for info in infos:
+        if info.seq_len != seq_len:
+            raise ShardError(f"{info.path}: sequence length {info.seq_len} (expected {seq_len}, as in {infos[0].path})")
+    return infos

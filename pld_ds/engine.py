@@ -1,0 +1,192 @@
+"""PLDEngine: DeepSpeed's engine plus the Progressive Layer Dropping that DeepSpeed 0.19.8 removed.
+
+It takes the `progressive_layer_drop` block out of the user's DeepSpeed config (DeepSpeed now rejects
+it), hands the rest to deepspeed.initialize unchanged, and in training injects
+`progressive_layer_drop=True, pld_theta=theta` into the model's forward, as DeepSpeed once did.
+theta is a pure function of the optimizer step, so it moves only at gradient-accumulation
+boundaries and a resumed run (DeepSpeed restores the step) continues the same curve.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.runtime.config import DeepSpeedConfigError
+
+from pld_ds import pld
+from pld_ds.config import ConfigError, PLDConfig, split_ds_config
+
+try:
+    from pydantic import ValidationError
+except ImportError:  # pragma: no cover - deepspeed depends on pydantic
+    ValidationError = ValueError  # type: ignore[misc,assignment]
+
+
+def _default_launch_env() -> None:
+    """A process started without a launcher is rank 0 of 1 (else DeepSpeed tries MPI discovery)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def _monitors_under(ds_config: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    """Monitors with no output_path of their own write under the run's output folder."""
+    ds_config = dict(ds_config)
+    for key, sub in (("tensorboard", "tensorboard"), ("csv_monitor", "csv")):
+        block = ds_config.get(key)
+        if isinstance(block, dict) and block.get("enabled") and not block.get("output_path"):
+            ds_config[key] = {**block, "output_path": str(output_dir / sub)}
+    return ds_config
+
+
+class PLDEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: str | Path | dict[str, Any],
+        *,
+        seed: int = 0,
+        output_dir: str | Path | None = None,
+        num_layers: int | None = None,
+        model_parameters: Any = None,
+        **initialize_kwargs: Any,
+    ) -> None:
+        ds_config, self.pld, self.config_source = split_ds_config(config)
+        if output_dir is not None:
+            ds_config = _monitors_under(ds_config, Path(output_dir))
+        self.ds_config = ds_config
+        self.seed = seed
+        self.num_layers = num_layers or getattr(getattr(model, "config", None), "num_layers", None)
+        _default_launch_env()
+        if model_parameters is None:
+            model_parameters = [p for p in model.parameters() if p.requires_grad]
+        try:
+            self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+                model=model, model_parameters=model_parameters, config=ds_config, **initialize_kwargs)
+        except (DeepSpeedConfigError, ValidationError, AssertionError) as err:
+            first = str(err).strip().splitlines()
+            raise ConfigError(f"{self.config_source}: DeepSpeed rejected the config: "
+                              f"{' '.join(first[:3]) if first else type(err).__name__}") from err
+        self.module = self.engine.module
+        self._passes_generator = "pld_generator" in inspect.signature(self.module.forward).parameters
+        self._micro_step = 0  # micro-batch index inside the current accumulation window
+        self.module.register_forward_pre_hook(self._inject_pld, with_kwargs=True)
+
+    # -- PLD ------------------------------------------------------------------------------------
+    @property
+    def global_steps(self) -> int:
+        return self.engine.global_steps
+
+    def get_pld_theta(self) -> float:
+        if not self.pld.enabled:
+            return 1.0
+        return pld.theta(self.engine.global_steps, self.pld.theta, self.pld.gamma)
+
+    def expected_depth(self) -> float | None:
+        if self.num_layers is None:
+            return None
+        return pld.expected_depth(self.num_layers, self.get_pld_theta())
+
+    def _inject_pld(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not (self.pld.enabled and module.training):
+            return None
+        kwargs = {**kwargs, "progressive_layer_drop": True, "pld_theta": self.get_pld_theta()}
+        if self._passes_generator:
+            kwargs["pld_generator"] = pld.gate_generator(self.seed, self.engine.global_steps, self._micro_step)
+        return args, kwargs
+
+    # -- training -------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> PLDEngine:
+        self.engine.train(mode)
+        return self
+
+    def eval(self) -> PLDEngine:
+        return self.train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.engine.gradient_accumulation_steps()
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.engine.train_micro_batch_size_per_gpu()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        self._micro_step = 0 if boundary else self._micro_step + 1
+
+    def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One optimizer step over gradient_accumulation_steps micro-batches; mean losses, still on device."""
+        self.train()
+        totals: dict[str, torch.Tensor] = {}
+        steps = self.gradient_accumulation_steps
+        for _ in range(steps):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            out = self(**batch)
+            self.backward(out.loss)
+            self.step()
+            for name in ("loss", "mlm_loss", "nsp_loss"):
+                value = getattr(out, name, None)
+                if value is not None:
+                    totals[name] = totals.get(name, 0.0) + value.detach().float() / steps
+        return totals
+
+    # -- monitoring -----------------------------------------------------------------------------
+    def get_lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def pld_scalars(self) -> dict[str, float]:
+        scalars = {"train/pld_theta": self.get_pld_theta()}
+        depth = self.expected_depth()
+        if depth is not None:
+            scalars["train/expected_depth"] = depth
+        return scalars
+
+    def write_scalars(self, scalars: dict[str, float], step: int | None = None) -> None:
+        """To every monitor enabled in the config (tensorboard, csv_monitor, wandb, comet); rank 0 only."""
+        if self.engine.monitor.enabled:
+            step = self.engine.global_steps if step is None else step
+            self.engine.monitor.write_events([(tag, float(value), step) for tag, value in scalars.items()])
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir: str | Path, client_state: dict[str, Any] | None = None) -> str:
+        tag = f"global_step{self.engine.global_steps}"
+        state = {"pld": {"enabled": self.pld.enabled, "theta_bar": self.pld.theta, "gamma": self.pld.gamma,
+                         "step": self.engine.global_steps, "theta": self.get_pld_theta()},
+                 "seed": self.seed, **(client_state or {})}
+        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=state)
+        return tag
+
+    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> dict[str, Any] | None:
+        """Client state of the checkpoint (the newest one when tag is None), or None if there is none."""
+        path, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag)
+        if path is None:
+            return None
+        return client_state
+
+
+__all__ = ["PLDConfig", "PLDEngine"]

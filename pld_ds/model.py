@@ -1,0 +1,239 @@
+"""PreLN BERT for pretraining, with Progressive Layer Dropping as a forward argument.
+
+PreLN: every sublayer normalises its input (x + f(LN(x))) and the encoder ends with a LayerNorm,
+which keeps training stable when layers are dropped. Plain PyTorch: nothing here knows DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pld_ds import pld
+from pld_ds.data.schema import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30528  # BERT's 30522 padded to a multiple of 64 for tensor cores
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not problems and self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class PretrainingOutput:
+    loss: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    nsp_loss: torch.Tensor | None = None
+    # Logits at the masked positions only (M x vocab) when labels are given, else B x S x vocab.
+    mlm_logits: torch.Tensor | None = None
+    nsp_logits: torch.Tensor | None = None
+    # Number of layers that ran (all of them outside PLD training).
+    layers_run: int = 0
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # one GEMM for Q, K and V
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.attention_dropout = cfg.attention_dropout
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0
+        )
+        context = context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.dropout(self.out(context))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+class Layer(nn.Module):
+    """x + f(LN(x)) for attention then feed-forward; a kept PLD layer scales f's output by 1/p."""
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep_prob: float = 1.0) -> torch.Tensor:
+        # A product rather than torch.add(alpha=...): a compiled layer then takes keep_prob as a graph
+        # input instead of recompiling for every new value of theta.
+        attn = self.attn(self.attn_norm(x), attn_mask)
+        x = x + (attn if keep_prob == 1.0 else attn * (1.0 / keep_prob))
+        ffn = self.ffn(self.ffn_norm(x))
+        return x + (ffn if keep_prob == 1.0 else ffn * (1.0 / keep_prob))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.activation_checkpointing = cfg.activation_checkpointing
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, gates: list[tuple[bool, float]] | None = None
+    ) -> tuple[torch.Tensor, int]:
+        if gates is None:
+            gates = [(True, 1.0)] * len(self.layers)
+        layers_run = 0
+        for layer, (kept, keep_prob) in zip(self.layers, gates, strict=True):
+            if not kept:
+                continue  # identity: no kernel runs, no gradient reaches this layer
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, attn_mask, keep_prob, use_reentrant=False)
+            else:
+                x = layer(x, attn_mask, keep_prob)
+            layers_run += 1
+        return self.final_norm(x), layers_run
+
+
+class PretrainingHeads(nn.Module):
+    def __init__(self, cfg: BertConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.transform = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.transform_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.decoder.weight = word_embeddings.weight  # tied, as in BERT
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.nsp = nn.Linear(cfg.hidden_size, 2)
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform_norm(F.gelu(self.transform(hidden))))
+
+    def nsp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.nsp(torch.tanh(self.pooler(hidden[:, 0])))
+
+
+class BertForPreTraining(nn.Module):
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.heads = PretrainingHeads(cfg, self.embeddings.word)
+        self.apply(self._init_weights)
+        # Residual projections get a smaller init so the residual stream's variance does not grow
+        # with depth (GPT-2's scaled init).
+        residual_std = cfg.initializer_range / math.sqrt(2 * cfg.num_layers)
+        for layer in self.encoder.layers:
+            nn.init.normal_(layer.attn.out.weight, std=residual_std)
+            nn.init.normal_(layer.ffn.fc2.weight, std=residual_std)
+
+    def compile_layers(self, **compile_kwargs: Any) -> BertForPreTraining:
+        """torch.compile each encoder layer on its own: the Python loop that skips dropped layers
+        stays eager, and a layer compiles twice at most (keep_prob 1 and any other value)."""
+        for layer in self.encoder.layers:
+            layer.compile(**compile_kwargs)
+        return self
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        masked_lm_labels: torch.Tensor | None = None,
+        next_sentence_labels: torch.Tensor | None = None,
+        *,
+        progressive_layer_drop: bool = False,
+        pld_theta: float = 1.0,
+        pld_generator: torch.Generator | None = None,
+    ) -> PretrainingOutput:
+        """Masked LM and next-sentence losses for a batch.
+
+        attention_mask: B x S, nonzero where a token is real. masked_lm_labels: B x S token ids,
+        IGNORE_INDEX where there is no target; the decoder runs only at the labelled positions.
+        progressive_layer_drop / pld_theta: the keyword arguments DeepSpeed's engine injects in
+        training; pld_generator makes the gates reproducible (see pld.gate_generator).
+        """
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        attn_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        gates = None
+        if progressive_layer_drop and self.training:
+            gates = pld.sample_gates(self.config.num_layers, pld_theta, pld_generator)
+        hidden, layers_run = self.encoder(self.embeddings(input_ids, token_type_ids), attn_mask, gates)
+
+        out = PretrainingOutput(nsp_logits=self.heads.nsp_logits(hidden), layers_run=layers_run)
+        if masked_lm_labels is None:
+            out.mlm_logits = self.heads.mlm_logits(hidden)
+        else:
+            selected = masked_lm_labels != IGNORE_INDEX
+            out.mlm_logits = self.heads.mlm_logits(hidden[selected])
+            out.mlm_loss = F.cross_entropy(out.mlm_logits.float(), masked_lm_labels[selected])
+            out.loss = out.mlm_loss
+        if next_sentence_labels is not None:
+            out.nsp_loss = F.cross_entropy(out.nsp_logits.float(), next_sentence_labels.view(-1).long())
+            out.loss = out.nsp_loss if out.loss is None else out.loss + out.nsp_loss
+        return out
