@@ -76,7 +76,9 @@ class PLDEngine:
         try:
             self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
                 model=model, model_parameters=model_parameters, config=ds_config, **initialize_kwargs)
-        except (DeepSpeedConfigError, ValidationError, AssertionError) as err:
+        # DeepSpeed reports config problems as any of these; torch's optimizers raise ValueError for
+        # bad hyper-parameters (negative lr) and TypeError for unknown ones.
+        except (DeepSpeedConfigError, ValidationError, AssertionError, ValueError, TypeError) as err:
             first = str(err).strip().splitlines()
             raise ConfigError(f"{self.config_source}: DeepSpeed rejected the config: "
                               f"{' '.join(first[:3]) if first else type(err).__name__}") from err

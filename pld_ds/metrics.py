@@ -36,9 +36,9 @@ def training_flops_per_sequence(
 class Throughput:
     """Samples per second between two calls of `tick`, from the wall clock."""
 
-    def __init__(self) -> None:
+    def __init__(self, samples: int = 0) -> None:
         self._time = time.perf_counter()
-        self._samples = 0
+        self._samples = samples
 
     def tick(self, samples: int) -> float:
         now = time.perf_counter()

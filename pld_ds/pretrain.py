@@ -22,6 +22,7 @@ from pld_ds import metrics
 from pld_ds.config import ConfigError, model_config, padded_vocab_size, read_json, split_ds_config
 from pld_ds.data import schema
 from pld_ds.data.loader import ShardBatches
+from pld_ds.data.masking import DynamicMasking
 from pld_ds.data.shards import ShardError, find_shards
 from pld_ds.errors import UserError
 from pld_ds.model import BertForPreTraining
@@ -70,17 +71,24 @@ def data_folders(data: str, eval_data: str | None) -> tuple[list[Path], list[Pat
     return train, find_shards(validation, "--data") if validation.is_dir() else []
 
 
-def vocab_size_of(data: str, override: int | None) -> int:
-    if override:
-        return override
+def data_vocabulary(data: str, override: int | None) -> tuple[int, DynamicMasking | None]:
+    """Vocabulary size, and masking for dynamic-masking shards when the manifest names a vocab file."""
     manifest = Path(data) / schema.MANIFEST_NAME
-    if manifest.is_file():
-        vocab = read_json(manifest, "manifest").get("vocab")
-        size = vocab.get("size") if isinstance(vocab, dict) else None
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ConfigError(f"{manifest}: vocab.size: expected a positive integer, got {size!r}")
-        return size
-    return BERT_VOCAB_SIZE
+    if not manifest.is_file():
+        return override or BERT_VOCAB_SIZE, None
+    vocab = read_json(manifest, "manifest").get("vocab")
+    size = vocab.get("size") if isinstance(vocab, dict) else None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"{manifest}: vocab.size: expected a positive integer, got {size!r}")
+    size = override or size
+    vocab_file = Path(data) / vocab["file"] if isinstance(vocab.get("file"), str) else None
+    if vocab_file is None or not vocab_file.is_file():
+        return size, None
+    tokens = {t: i for i, t in enumerate(vocab_file.read_text(encoding="utf-8").splitlines())}
+    if "[MASK]" not in tokens:
+        raise ConfigError(f"{vocab_file}: no [MASK] token (expected a BERT WordPiece vocab.txt)")
+    special = tuple(tokens[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in tokens)
+    return size, DynamicMasking(mask_id=tokens["[MASK]"], special_ids=special, vocab_size=size)
 
 
 def rng_state() -> dict[str, Any]:
@@ -148,21 +156,22 @@ def log(rank: int, line: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
-    from pld_ds.engine import PLDEngine  # imports deepspeed: keep `--help` and input errors fast
-
     # Every input is checked before the model is built, so a typo costs a second, not a start-up.
     split_ds_config(args.deepspeed_config)
     train_paths, eval_paths = data_folders(args.data, args.eval_data)
-    vocab_size = vocab_size_of(args.data, args.vocab_size)
+    vocab_size, masking = data_vocabulary(args.data, args.vocab_size)
     cfg = model_config(args.model, vocab_size=padded_vocab_size(vocab_size),
                        activation_checkpointing=args.activation_checkpointing or None)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     output = Path(args.output)
+    from pld_ds.engine import PLDEngine  # imports deepspeed (seconds): after the input checks
+
     engine = PLDEngine(BertForPreTraining(cfg), args.deepspeed_config, seed=args.seed, output_dir=output)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    shard_args = dict(micro_batch=engine.micro_batch_size, vocab_size=vocab_size, rank=rank, world_size=world)
+    shard_args = dict(micro_batch=engine.micro_batch_size, vocab_size=vocab_size, rank=rank, world_size=world,
+                      masking=masking)
     train = ShardBatches(train_paths, seed=args.seed, **shard_args)
     if train.seq_len > cfg.max_position_embeddings:
         raise ShardError(f"{train_paths[0]}: sequence length {train.seq_len} exceeds the model's "
@@ -180,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     def save() -> None:
         engine.save_checkpoint(checkpoints, {"data": train.state_dict(), "rng": rng_state()})
 
-    batches, meter, scalars = iter(train), metrics.Throughput(), {}
+    batches, meter, scalars = iter(train), metrics.Throughput(engine.global_steps * train.global_batch), {}
     masked_per_seq = 0.15 * train.seq_len
     while engine.global_steps < args.max_steps:
         losses = engine.train_batch(batches)

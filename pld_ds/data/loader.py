@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pld_ds.data import schema, shards
+from pld_ds.data.masking import DynamicMasking
 
 
 class ShardBatches:
@@ -28,8 +29,14 @@ class ShardBatches:
         world_size: int = 1,
         seed: int = 0,
         seq_len: int | None = None,
+        masking: DynamicMasking | None = None,
     ) -> None:
         self.infos = shards.inspect_all(paths, seq_len)
+        unmasked = next((info for info in self.infos if not info.static_masking), None)
+        if unmasked is not None and masking is None:
+            raise shards.ShardError(f"{unmasked.path}: a dynamic-masking shard (no masked_lm_* datasets) needs the "
+                                    "vocabulary's [MASK] id: expected a vocab file named in manifest.json")
+        self.masking = masking
         self.seq_len = self.infos[0].seq_len
         self.vocab_size = vocab_size
         self.micro_batch, self.rank, self.world_size, self.seed = micro_batch, rank, world_size, seed
@@ -48,6 +55,9 @@ class ShardBatches:
                 "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise shards.ShardError(f"checkpoint data position was saved with data seed {state['seed']}, this run "
+                                    f"has seed {self.seed}: resume with --seed {state['seed']} to continue that order")
         if state.get("global_batch", self.global_batch) != self.global_batch:
             raise shards.ShardError(f"checkpoint data position was saved with global batch {state['global_batch']}, "
                                     f"this run has {self.global_batch}: the position cannot be resumed exactly")
@@ -69,11 +79,14 @@ class ShardBatches:
             self._cache[index] = shards.read_shard(self.infos[index], self.vocab_size)
         return self._cache[index]
 
-    def _collate(self, parts: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    def _collate(self, parts: list[dict[str, np.ndarray]], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         input_ids = torch.from_numpy(cat[schema.INPUT_IDS.name].astype(np.int64))
         labels = torch.full_like(input_ids, schema.IGNORE_INDEX)
-        if schema.MASKED_LM_POSITIONS.name in cat:
+        if schema.MASKED_LM_POSITIONS.name not in cat:
+            masked, dense = self.masking(cat[schema.INPUT_IDS.name], cat[schema.INPUT_MASK.name], rng)
+            input_ids, labels = torch.from_numpy(masked), torch.from_numpy(dense)
+        else:
             positions = torch.from_numpy(cat[schema.MASKED_LM_POSITIONS.name].astype(np.int64))
             ids = torch.from_numpy(cat[schema.MASKED_LM_IDS.name].astype(np.int64))
             # Position 0 is [CLS] and never masked: NVIDIA pads unused prediction slots with 0.
@@ -88,7 +101,9 @@ class ShardBatches:
             "next_sentence_labels": torch.from_numpy(cat[schema.NEXT_SENTENCE_LABELS.name].astype(np.int64)),
         }
 
-    def _batch(self, order: tuple[np.ndarray, np.ndarray, list[np.ndarray]], batch: int) -> dict[str, torch.Tensor]:
+    def _batch(
+        self, order: tuple[np.ndarray, np.ndarray, list[np.ndarray]], batch: int, epoch: int
+    ) -> dict[str, torch.Tensor]:
         shard_order, starts, rows = order
         first = batch * self.global_batch + self.rank * self.micro_batch
         stream = np.arange(first, first + self.micro_batch)
@@ -98,7 +113,8 @@ class ShardBatches:
             picked = rows[pos][stream[where == pos] - starts[pos]]
             data = self._shard(int(shard_order[pos]))
             parts.append({k: v[picked] for k, v in data.items()})
-        return self._collate(parts)
+        # Dynamic masking draws from (seed, epoch, batch, rank): a resumed run masks identically.
+        return self._collate(parts, np.random.default_rng([self.seed, epoch, batch, self.rank]))
 
     # -- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -106,7 +122,7 @@ class ShardBatches:
         while True:
             order = self._epoch_order(self.epoch)
             while self.batch_in_epoch < self.batches_per_epoch:
-                batch = self._batch(order, self.batch_in_epoch)
+                batch = self._batch(order, self.batch_in_epoch, self.epoch)
                 self.batch_in_epoch += 1
                 yield batch
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -115,4 +131,4 @@ class ShardBatches:
         """Every full global batch of epoch 0 once, in order (for evaluation); leaves the position alone."""
         order = self._epoch_order(0)
         for batch in range(self.batches_per_epoch):
-            yield self._batch(order, batch)
+            yield self._batch(order, batch, 0)

@@ -75,6 +75,10 @@ def read_shard(info: ShardInfo, vocab_size: int) -> dict[str, np.ndarray]:
         if name in arrays and arrays[name].size and (arrays[name].min() < 0 or arrays[name].max() >= vocab_size):
             raise ShardError(f"{info.path}: {name} holds token ids outside [0, {vocab_size}) "
                              "(expected ids of the model's vocabulary)")
+    positions = arrays.get(schema.MASKED_LM_POSITIONS.name)
+    if positions is not None and positions.size and (positions.min() < 0 or positions.max() >= info.seq_len):
+        raise ShardError(f"{info.path}: masked_lm_positions outside [0, {info.seq_len}) "
+                         "(expected positions inside the sequence, 0 for unused slots)")
     return arrays
 
 
