@@ -1,0 +1,102 @@
+"""Two CPU ranks through DeepSpeed's launcher: ZeRO 1 and 2, and PLD gates that agree across ranks."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+from pld_helpers import REPO, child_env, console_script, free_port, load_ds_config, read_csv_scalar, write_json
+from shard_fixtures import make_shard_dir
+
+from pld_ds import pld
+
+pytestmark = pytest.mark.slow
+TIMEOUT = 300
+
+
+def launch(args: list[str], log: Path) -> subprocess.CompletedProcess:
+    cmd = [console_script("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *args]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{' '.join(cmd)} did not finish in {TIMEOUT} s:\n{(err.stdout or b'')[-3000:]!r}")
+    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_shard_dir(tmp_path_factory.mktemp("dist_data"), shard_sizes=(64, 64), seq_len=32, validation=32)
+
+
+@pytest.mark.parametrize("stage, bf16", [(1, False), (2, True)], ids=["zero1-fp32", "zero2-bf16"])
+def test_pretrain_on_two_ranks(tmp_path, data_dir, stage, bf16):
+    config = load_ds_config("tiny_cpu_pld.json")
+    config["train_micro_batch_size_per_gpu"] = 8
+    config["zero_optimization"] = {"stage": stage}
+    if bf16:
+        config["bf16"] = {"enabled": True}
+    path = write_json(tmp_path / f"zero{stage}.json", config)
+    out = tmp_path / "out"
+    proc = launch(["--module", "pld_ds.pretrain", "--deepspeed_config", str(path), "--data", str(data_dir),
+                   "--output", str(out), "--model", "tiny", "--max-steps", "4", "--log-interval", "2",
+                   "--eval-batches", "2"], tmp_path / "log.txt")
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "world 2" in proc.stdout
+    gamma = config["progressive_layer_drop"]["gamma"]
+    csv_dir = out / "csv" / "run"
+    losses = read_csv_scalar(csv_dir / "train_loss.csv")
+    assert [s for s, _ in losses] == [2, 4]
+    assert all(math.isfinite(v) and 0 < v < 20 for _, v in losses)
+    assert read_csv_scalar(csv_dir / "train_pld_theta.csv") == [(s, pld.theta(s, 0.5, gamma)) for s in (2, 4)]
+    eval_loss = read_csv_scalar(csv_dir / "eval_mlm_loss.csv")
+    assert len(eval_loss) == 1 and math.isfinite(eval_loss[0][1])
+    checkpoint = out / "checkpoints" / "global_step4"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "global_step4"
+    # ZeRO writes one optimizer partition per rank
+    assert len(list(checkpoint.glob("*zero_pp_rank_*optim_states.pt"))) == 2
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["deepspeed"]["zero_optimization"]["stage"] == stage
+    assert run_config["deepspeed"].get("bf16", {}).get("enabled", False) == bf16
+
+
+@pytest.fixture(scope="module")
+def gates_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist_gates")
+    out = tmp / "records.json"
+    proc = launch([str(REPO / "tests" / "dist_gates_worker.py"), "--out", str(out), "--zero", "1", "2",
+                   "--steps", "6"], tmp / "log.txt")
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gates_agree_across_ranks(gates_run, stage):
+    result = next(r for r in gates_run if r["stage"] == stage)
+    ranks = sorted(result["ranks"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world"] == 2
+    rec0, rec1 = ranks[0]["records"], ranks[1]["records"]
+    assert len(rec0) == len(rec1) == 6
+    for a, b in zip(rec0, rec1, strict=True):
+        assert a["layers"] == b["layers"], (a, b)
+        assert a["layers"] == a["expected_layers"]
+        assert a["theta"] == b["theta"]
+        assert a["global_steps"] == b["global_steps"] == a["step"] + 1
+        assert math.isfinite(a["loss"]) and math.isfinite(b["loss"])
+    # the ranks saw different data
+    assert [r["loss"] for r in rec0] != [r["loss"] for r in rec1]
+    # PLD actually dropped something, and not the same pattern every step
+    assert any(len(r["layers"]) < 4 for r in rec0)
+    assert len({tuple(r["layers"]) for r in rec0}) > 1
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_keeps_replicas_in_sync_when_layers_are_skipped(gates_run, stage):
+    result = next(r for r in gates_run if r["stage"] == stage)
+    rank0, rank1 = sorted(result["ranks"], key=lambda r: r["rank"])
+    assert rank0["initial"] == rank1["initial"]
+    assert rank0["final"] == rank1["final"]
+    assert rank0["final"] != rank0["initial"]  # training changed the weights

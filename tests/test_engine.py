@@ -1,0 +1,334 @@
+"""PLDEngine: DeepSpeed plus PLD keyword injection, schedule, monitoring and checkpoints (pld_ds/engine.py)."""
+
+from __future__ import annotations
+
+import math
+from itertools import pairwise
+
+import pytest
+import torch
+from pld_helpers import load_ds_config, read_csv_scalar, synthetic_batch, tiny_config, torch_threads, write_json
+
+from pld_ds import pld
+from pld_ds.config import ConfigError
+from pld_ds.engine import PLDEngine
+from pld_ds.model import BertForPreTraining
+from pld_ds.pretrain import rng_state, set_rng_state
+
+PLD_KWARGS = ("progressive_layer_drop", "pld_theta", "pld_generator")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+
+class RecordingBert(BertForPreTraining):
+    """Records the PLD keyword arguments of every forward call; accepts pld_generator."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.calls: list[dict] = []
+        self.layers_run: list[int] = []
+
+    def forward(self, *args, progressive_layer_drop=False, pld_theta=1.0, pld_generator=None, **kwargs):
+        given = {"progressive_layer_drop": progressive_layer_drop, "pld_theta": pld_theta,
+                 "pld_generator": pld_generator}
+        self.calls.append({"training": self.training, "names": set(kwargs), **given,
+                           "seed": None if pld_generator is None else pld_generator.initial_seed()})
+        out = super().forward(*args, progressive_layer_drop=progressive_layer_drop, pld_theta=pld_theta,
+                              pld_generator=pld_generator, **kwargs)
+        self.layers_run.append(out.layers_run)
+        return out
+
+
+class TwoKwargBert(BertForPreTraining):
+    """A model written for DeepSpeed's old PLD contract: only progressive_layer_drop and pld_theta."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.calls: list[dict] = []
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, masked_lm_labels=None,
+                next_sentence_labels=None, progressive_layer_drop=False, pld_theta=1.0):
+        # no **kwargs: an injected pld_generator would be a TypeError here
+        self.calls.append({"training": self.training, "progressive_layer_drop": progressive_layer_drop,
+                           "pld_theta": pld_theta})
+        return super().forward(input_ids, token_type_ids, attention_mask, masked_lm_labels, next_sentence_labels,
+                               progressive_layer_drop=progressive_layer_drop, pld_theta=pld_theta)
+
+
+def ds_config(micro=4, gas=1, pld_block=None, **extra):
+    config = load_ds_config("tiny_cpu_pld.json")
+    config["train_micro_batch_size_per_gpu"] = micro
+    config["gradient_accumulation_steps"] = gas
+    if pld_block is not None:
+        config["progressive_layer_drop"] = pld_block
+    config.update(extra)
+    return config
+
+
+def make_engine(tmp_path, model_cls=RecordingBert, dropout=0.0, seed=0, engine_seed=11, config=None, name="run"):
+    torch.manual_seed(seed)
+    model = model_cls(tiny_config(dropout=dropout))
+    return PLDEngine(model, config or ds_config(), seed=engine_seed, output_dir=tmp_path / name)
+
+
+def batches(n, micro=4, start=0):
+    return [synthetic_batch(batch=micro, seq_len=16, seed=start + i) for i in range(n)]
+
+
+# -- (a) what reaches forward ---------------------------------------------------------------------
+
+
+def test_kwargs_reach_forward_in_train_mode_only(tmp_path):
+    engine = make_engine(tmp_path)
+    model = engine.module
+    data = batches(3)
+    engine.train_batch(iter(data[:1]))
+    call = model.calls[-1]
+    assert call["training"]
+    assert call["progressive_layer_drop"] is True
+    assert call["pld_theta"] == pld.theta(0, 0.5, 0.01) == 1.0
+    assert isinstance(call["pld_generator"], torch.Generator)
+    assert call["seed"] == pld.gate_seed(11, 0, 0)
+    assert call["names"] == {"input_ids", "token_type_ids", "attention_mask", "masked_lm_labels",
+                             "next_sentence_labels"}
+    engine.train_batch(iter(data[1:2]))
+    assert model.calls[-1]["pld_theta"] == pld.theta(1, 0.5, 0.01) < 1.0
+    assert model.calls[-1]["seed"] == pld.gate_seed(11, 1, 0)
+
+    engine.eval()
+    with torch.no_grad():
+        out = engine(**data[2])
+    call = model.calls[-1]
+    assert not call["training"]
+    assert call["progressive_layer_drop"] is False and call["pld_theta"] == 1.0 and call["pld_generator"] is None
+    assert out.layers_run == 4
+    engine.train()
+    engine(**data[2])
+    assert model.calls[-1]["progressive_layer_drop"] is True
+
+
+def test_model_without_pld_generator_gets_exactly_two_kwargs(tmp_path):
+    engine = make_engine(tmp_path, model_cls=TwoKwargBert)
+    engine.train_batch(iter(batches(2)))
+    call = engine.module.calls[-1]
+    assert call["training"]
+    assert call["progressive_layer_drop"] is True
+    assert call["pld_theta"] == 1.0
+    engine.train_batch(iter(batches(1, start=5)))
+    assert engine.module.calls[-1]["pld_theta"] == pld.theta(1, 0.5, 0.01)
+    engine.eval()
+    with torch.no_grad():
+        engine(**batches(1)[0])
+    assert engine.module.calls[-1]["progressive_layer_drop"] is False
+
+
+def test_gates_in_training_are_the_pure_functions_gates(tmp_path):
+    """The layers that run in an engine step are sample_gates(L, theta(step), gate_generator(seed, step, micro))."""
+    config = ds_config(pld_block={"enabled": True, "theta": 0.3, "gamma": 5.0})
+    engine = make_engine(tmp_path, config=config)
+    model = engine.module
+    for step in range(8):
+        engine.train_batch(iter(batches(1, start=step)))
+        theta_now = pld.theta(step, 0.3, 5.0)
+        gates = pld.sample_gates(4, theta_now, pld.gate_generator(11, step, 0))
+        assert model.layers_run[-1] == sum(k for k, _ in gates), step
+    assert min(model.layers_run) < 4  # some layer was dropped
+
+
+# -- (b) monitoring -------------------------------------------------------------------------------
+
+
+def test_theta_is_logged_to_the_csv_monitor(tmp_path):
+    engine = make_engine(tmp_path)
+    data = iter(batches(6))
+    for _ in range(6):
+        losses = engine.train_batch(data)
+        assert set(losses) == {"loss", "mlm_loss", "nsp_loss"}
+        assert math.isfinite(losses["loss"].item())
+        engine.write_scalars({**engine.pld_scalars(), "train/loss": losses["loss"].item()})
+    csv_dir = tmp_path / "run" / "csv" / "run"
+    theta_rows = read_csv_scalar(csv_dir / "train_pld_theta.csv")
+    assert [s for s, _ in theta_rows] == [1, 2, 3, 4, 5, 6]
+    for step, value in theta_rows:
+        assert value == pytest.approx(pld.theta(step, 0.5, 0.01), rel=1e-12)
+    values = [v for _, v in theta_rows]
+    assert all(a > b for a, b in pairwise(values))
+    depth_rows = read_csv_scalar(csv_dir / "train_expected_depth.csv")
+    assert [s for s, _ in depth_rows] == [1, 2, 3, 4, 5, 6]
+    for step, value in depth_rows:
+        assert value == pytest.approx(pld.expected_depth(4, pld.theta(step, 0.5, 0.01)), rel=1e-12)
+    assert len(read_csv_scalar(csv_dir / "train_loss.csv")) == 6
+    # TensorBoard is enabled in the same config and writes under the output folder too
+    assert list((tmp_path / "run" / "tensorboard" / "run").glob("events.out.tfevents.*"))
+
+
+def test_pld_scalars(tmp_path):
+    engine = make_engine(tmp_path)
+    assert engine.pld_scalars() == {"train/pld_theta": 1.0, "train/expected_depth": 4.0}
+    engine.train_batch(iter(batches(1)))
+    theta_now = pld.theta(1, 0.5, 0.01)
+    assert engine.pld_scalars() == {"train/pld_theta": theta_now,
+                                    "train/expected_depth": pld.expected_depth(4, theta_now)}
+    assert engine.expected_depth() == pytest.approx(4 - (1 - theta_now) * 5 / 2)
+
+
+# -- (c) schedule and gradient accumulation -------------------------------------------------------
+
+
+def test_theta_follows_global_steps_and_moves_only_at_accumulation_boundaries(tmp_path):
+    engine = make_engine(tmp_path, config=ds_config(micro=4, gas=2))
+    assert engine.gradient_accumulation_steps == 2 and engine.micro_batch_size == 4
+    model = engine.module
+    data = batches(8)
+    thetas, steps = [], []
+    for i, batch in enumerate(data):
+        thetas.append(engine.get_pld_theta())
+        steps.append(engine.global_steps)
+        out = engine(**batch)
+        engine.backward(out.loss)
+        engine.step()
+        call = model.calls[-1]
+        assert call["pld_theta"] == thetas[-1] == pld.theta(i // 2, 0.5, 0.01), i
+        assert call["seed"] == pld.gate_seed(11, i // 2, i % 2), i
+        assert engine.global_steps == (i + 1) // 2
+    assert steps == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert thetas[0] == thetas[1] > thetas[2] == thetas[3] > thetas[4] == thetas[5] > thetas[6] == thetas[7]
+    # micro-batches inside one window draw different gates
+    assert len({c["seed"] for c in model.calls}) == 8
+
+
+def test_train_batch_consumes_one_window(tmp_path):
+    engine = make_engine(tmp_path, config=ds_config(micro=4, gas=2))
+    data = iter(batches(6))
+    engine.train_batch(data)
+    assert engine.global_steps == 1
+    engine.train_batch(data)
+    assert engine.global_steps == 2
+    assert len(list(data)) == 2
+    seeds = [c["seed"] for c in engine.module.calls]
+    assert seeds == [pld.gate_seed(11, s, m) for s in (0, 1) for m in (0, 1)]
+
+
+def test_engine_seed_changes_the_gates(tmp_path):
+    a = make_engine(tmp_path, engine_seed=1, name="a")
+    b = make_engine(tmp_path, engine_seed=2, name="b")
+    a.train_batch(iter(batches(1)))
+    b.train_batch(iter(batches(1)))
+    assert a.module.calls[-1]["seed"] != b.module.calls[-1]["seed"]
+
+
+# -- (d) checkpoints ------------------------------------------------------------------------------
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    pld_block = {"enabled": True, "theta": 0.3, "gamma": 0.5}  # low theta: gates matter
+    config = ds_config(pld_block=pld_block)
+    data = batches(5)
+    first = make_engine(tmp_path, dropout=0.1, config=config, name="first")
+    for batch in data[:3]:
+        first.train_batch(iter([batch]))
+    tag = first.save_checkpoint(tmp_path / "ckpt", {"rng": rng_state(), "note": "hello"})
+    assert tag == "global_step3"
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == tag
+    theta_at_save = first.get_pld_theta()
+    expected_loss = first.train_batch(iter([data[3]]))["loss"]
+    expected_params = [p.detach().clone() for p in first.module.parameters()]
+
+    second = make_engine(tmp_path, dropout=0.1, config=config, name="second")
+    torch.manual_seed(1234)  # the RNG must come from the checkpoint, not from here
+    client = second.load_checkpoint(tmp_path / "ckpt")
+    assert client["note"] == "hello"
+    assert client["pld"] == {"enabled": True, "theta_bar": 0.3, "gamma": 0.5, "step": 3,
+                             "theta": pld.theta(3, 0.3, 0.5)}
+    assert client["seed"] == 11
+    set_rng_state(client["rng"])
+    assert second.global_steps == 3
+    assert second.get_pld_theta() == theta_at_save == pld.theta(3, 0.3, 0.5)
+    loss = second.train_batch(iter([data[3]]))["loss"]
+    assert torch.equal(loss, expected_loss)
+    for p, q in zip(second.module.parameters(), expected_params, strict=True):
+        assert torch.equal(p.detach(), q)
+
+    # control: the same resume without restoring the RNG gives different dropout, a different loss
+    third = make_engine(tmp_path, dropout=0.1, config=config, name="third")
+    torch.manual_seed(1234)
+    third.load_checkpoint(tmp_path / "ckpt")
+    assert not torch.equal(third.train_batch(iter([data[3]]))["loss"], expected_loss)
+
+
+def test_load_checkpoint_from_empty_folder_returns_none(tmp_path):
+    engine = make_engine(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert engine.load_checkpoint(tmp_path / "empty") is None
+    assert engine.global_steps == 0
+
+
+# -- (e) disabled PLD -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [{"enabled": False, "theta": 0.5, "gamma": 0.01}, None])
+def test_disabled_pld(tmp_path, block):
+    config = ds_config()
+    if block is None:
+        del config["progressive_layer_drop"]
+    else:
+        config["progressive_layer_drop"] = block
+    engine = make_engine(tmp_path, config=config)
+    assert not engine.pld.enabled
+    for batch in batches(3):
+        engine.train_batch(iter([batch]))
+        assert engine.get_pld_theta() == 1.0
+    assert engine.global_steps == 3
+    for call in engine.module.calls:
+        assert call["training"]
+        assert call["progressive_layer_drop"] is False and call["pld_theta"] == 1.0 and call["pld_generator"] is None
+    assert engine.module.layers_run == [4, 4, 4]
+    assert engine.pld_scalars()["train/pld_theta"] == 1.0
+    assert engine.expected_depth() == 4.0
+
+
+# -- (f) DeepSpeed config errors ------------------------------------------------------------------
+
+
+def test_deepspeed_config_error_names_the_file(tmp_path):
+    config = ds_config(micro=4, train_batch_size=7)
+    path = write_json(tmp_path / "bad_batch.json", config)
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError, match="DeepSpeed rejected the config") as info:
+        PLDEngine(BertForPreTraining(tiny_config()), path, output_dir=tmp_path / "out")
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert "train_batch_size" in message and "\n" not in message
+
+
+def test_deepspeed_config_error_from_a_dict(tmp_path):
+    config = ds_config(micro=4)
+    config["zero_optimization"] = {"stage": 7}
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError) as info:
+        PLDEngine(BertForPreTraining(tiny_config()), config, output_dir=tmp_path / "out")
+    assert str(info.value).startswith("DeepSpeed config: DeepSpeed rejected the config")
+    assert "stage" in str(info.value)
+
+
+def test_bad_optimizer_params_are_a_config_error(tmp_path):
+    """A negative learning rate in the DeepSpeed JSON is a user error like any other bad value in it:
+    it must come back as a ConfigError naming the file (one line in pld-pretrain), not a torch traceback."""
+    config = ds_config(micro=4)
+    config["optimizer"]["params"]["lr"] = -0.001
+    path = write_json(tmp_path / "negative_lr.json", config)
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError) as info:
+        PLDEngine(BertForPreTraining(tiny_config()), path, output_dir=tmp_path / "out")
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_pld_block_error_before_deepspeed(tmp_path):
+    config = ds_config(pld_block={"enabled": True, "theta": 0.0})
+    with pytest.raises(ConfigError, match=r"progressive_layer_drop\.theta"):
+        PLDEngine(BertForPreTraining(tiny_config()), config, output_dir=tmp_path / "out")

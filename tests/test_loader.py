@@ -1,0 +1,486 @@
+"""Shards and per-rank batches (pld_ds/data/shards.py, pld_ds/data/loader.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from shard_fixtures import CLS, MASK, SEP, VOCAB_SIZE, make_samples, make_shard_dir, write_shard
+
+from pld_ds.data import schema, shards
+from pld_ds.data.loader import ShardBatches
+from pld_ds.data.masking import DynamicMasking
+from pld_ds.data.shards import ShardError, find_shards, inspect_shard
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    # three shards of different sizes so global batches straddle shard boundaries
+    return make_shard_dir(tmp_path_factory.mktemp("shards"), shard_sizes=(37, 50, 29), seq_len=SEQ)
+
+
+@pytest.fixture(scope="module")
+def paths(data_dir):
+    return find_shards(data_dir / "train")
+
+
+@pytest.fixture(scope="module")
+def all_rows(paths):
+    """Every sample of the folder as {input_ids row bytes: (shard, index)}; rows are unique."""
+    rows = {}
+    for path in paths:
+        with h5py.File(path, "r") as f:
+            ids = f["input_ids"][:]
+        for i, row in enumerate(ids):
+            rows[row.astype(np.int64).tobytes()] = (path.name, i)
+    assert len(rows) == 37 + 50 + 29
+    return rows
+
+
+def read_all(path):
+    with h5py.File(path, "r") as f:
+        return {k: v[:] for k, v in f.items()}
+
+
+def keys(batch):
+    return [row.numpy().tobytes() for row in batch["input_ids"]]
+
+
+def take(loader, n):
+    return list(itertools.islice(iter(loader), n))
+
+
+# -- ranks ----------------------------------------------------------------------------------------
+
+
+def test_batch_fields_and_shapes(paths):
+    loader = ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE)
+    batch = next(iter(loader))
+    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "masked_lm_labels", "next_sentence_labels"}
+    for name in ("input_ids", "token_type_ids", "attention_mask", "masked_lm_labels"):
+        assert batch[name].shape == (4, SEQ) and batch[name].dtype == torch.int64
+    assert batch["next_sentence_labels"].shape == (4,)
+    assert loader.seq_len == SEQ
+    assert loader.batches_per_epoch == (37 + 50 + 29) // 4
+
+
+def test_two_ranks_are_disjoint_and_cover_every_full_global_batch(paths, all_rows):
+    micro, world = 5, 2
+    ranks = [ShardBatches(paths, micro_batch=micro, vocab_size=VOCAB_SIZE, rank=r, world_size=world, seed=3)
+             for r in range(world)]
+    per_epoch = (37 + 50 + 29) // (micro * world)
+    assert [r.batches_per_epoch for r in ranks] == [per_epoch, per_epoch]
+    seen = [[k for b in take(r, per_epoch) for k in keys(b)] for r in ranks]
+    assert len(seen[0]) == len(seen[1]) == per_epoch * micro
+    assert not set(seen[0]) & set(seen[1])
+    union = seen[0] + seen[1]
+    assert len(set(union)) == len(union) == per_epoch * micro * world  # each exactly once
+    assert set(union) <= set(all_rows)
+    # only the remainder that does not fill a global batch is left out
+    assert len(all_rows) - len(union) == (37 + 50 + 29) % (micro * world)
+    # both ranks' positions advanced by the same amount
+    assert ranks[0].state_dict()["batch_in_epoch"] == ranks[1].state_dict()["batch_in_epoch"] == per_epoch
+
+
+def test_world_of_one_equals_concatenated_ranks(paths):
+    """Rank r's micro-batch is slice r of the stream a single process would read with a global batch."""
+    single = ShardBatches(paths, micro_batch=8, vocab_size=VOCAB_SIZE, seed=1)
+    ranks = [ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE, rank=r, world_size=2, seed=1) for r in (0, 1)]
+    for whole, part0, part1 in zip(take(single, 5), take(ranks[0], 5), take(ranks[1], 5), strict=True):
+        for name in whole:
+            assert torch.equal(whole[name], torch.cat([part0[name], part1[name]]))
+
+
+def test_samples_match_the_shard_contents(paths, all_rows):
+    loader = ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE)
+    data = {p.name: read_all(p) for p in paths}
+    for batch in take(loader, 6):
+        for row, key in enumerate(keys(batch)):
+            shard, index = all_rows[key]
+            raw = data[shard]
+            assert np.array_equal(batch["attention_mask"][row].numpy(), raw["input_mask"][index])
+            assert np.array_equal(batch["token_type_ids"][row].numpy(), raw["segment_ids"][index])
+            assert batch["next_sentence_labels"][row].item() == int(raw["next_sentence_labels"][index])
+
+
+# -- resume ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 3, 22, 23, 30])  # 23 batches per epoch with micro 5: 22/23 straddle the boundary
+def test_resume_equals_uninterrupted(paths, k):
+    total = 40
+    reference = take(ShardBatches(paths, micro_batch=5, vocab_size=VOCAB_SIZE, seed=7), total)
+    first = ShardBatches(paths, micro_batch=5, vocab_size=VOCAB_SIZE, seed=7)
+    head = take(first, k)
+    state = first.state_dict()
+    assert state["global_batch"] == 5
+    resumed = ShardBatches(paths, micro_batch=5, vocab_size=VOCAB_SIZE, seed=7)
+    resumed.load_state_dict(state)
+    tail = take(resumed, total - k)
+    got = head + tail
+    assert len(got) == total
+    for a, b in zip(reference, got, strict=True):
+        for name in a:
+            assert torch.equal(a[name], b[name])
+
+
+def test_resume_two_ranks(paths):
+    for rank in (0, 1):
+        reference = take(ShardBatches(paths, micro_batch=3, vocab_size=VOCAB_SIZE, rank=rank, world_size=2), 25)
+        first = ShardBatches(paths, micro_batch=3, vocab_size=VOCAB_SIZE, rank=rank, world_size=2)
+        head = take(first, 12)
+        resumed = ShardBatches(paths, micro_batch=3, vocab_size=VOCAB_SIZE, rank=rank, world_size=2)
+        resumed.load_state_dict(first.state_dict())
+        got = head + take(resumed, 13)
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(reference, got, strict=True))
+
+
+def test_state_dict_counts_epochs(paths):
+    loader = ShardBatches(paths, micro_batch=10, vocab_size=VOCAB_SIZE)
+    assert loader.batches_per_epoch == 11
+    take(loader, 11)
+    assert loader.state_dict()["batch_in_epoch"] == 11
+    it = iter(loader)
+    next(it)
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["batch_in_epoch"] == 1
+
+
+def test_load_state_dict_with_a_different_global_batch_raises(paths):
+    state = ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE).state_dict()
+    other = ShardBatches(paths, micro_batch=2, vocab_size=VOCAB_SIZE, rank=0, world_size=1)
+    with pytest.raises(ShardError, match="global batch 4"):
+        other.load_state_dict(state)
+    # same global batch from a different split over ranks is fine
+    ShardBatches(paths, micro_batch=2, vocab_size=VOCAB_SIZE, rank=1, world_size=2).load_state_dict(state)
+
+
+def test_load_state_dict_with_a_different_seed_does_not_silently_reorder(paths):
+    """The saved position indexes the saved seed's order: resuming it under another seed must either be
+    refused (like a different global batch) or continue the saved order, never repeat or skip samples."""
+    reference = take(ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE, seed=0), 29)
+    first = ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE, seed=0)
+    head = take(first, 10)
+    resumed = ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE, seed=1)
+    try:
+        resumed.load_state_dict(first.state_dict())
+    except ShardError as err:
+        assert "seed" in str(err)
+        return
+    epoch = [k for b in head + take(resumed, 19) for k in keys(b)]
+    repeats = len(epoch) - len(set(epoch))
+    assert repeats == 0, f"{repeats} of {len(epoch)} samples repeated within one epoch after resuming"
+    assert epoch == [k for b in reference for k in keys(b)]
+
+
+# -- order ----------------------------------------------------------------------------------------
+
+
+def test_epochs_use_different_orders(paths):
+    loader = ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE)
+    per_epoch = loader.batches_per_epoch
+    batches = take(loader, 2 * per_epoch)
+    epoch0 = [k for b in batches[:per_epoch] for k in keys(b)]
+    epoch1 = [k for b in batches[per_epoch:] for k in keys(b)]
+    assert epoch0 != epoch1
+    assert len(set(epoch0)) == len(epoch0) and len(set(epoch1)) == len(epoch1)
+    # the leftover samples differ between epochs, the overlap is almost everything
+    assert len(set(epoch0) & set(epoch1)) >= len(epoch0) - (37 + 50 + 29) % 4
+
+
+def test_order_depends_on_seed_and_is_reproducible(paths):
+    a = [keys(b) for b in take(ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE, seed=0), 5)]
+    b = [keys(b) for b in take(ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE, seed=0), 5)]
+    c = [keys(b) for b in take(ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE, seed=1), 5)]
+    assert a == b
+    assert a != c
+
+
+def test_order_is_shuffled_not_file_order(paths, all_rows):
+    loader = ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE)
+    order = [all_rows[k] for b in take(loader, 10) for k in keys(b)]
+    assert order != sorted(order)
+
+
+def test_one_pass_is_epoch_zero_and_leaves_position_alone(paths):
+    loader = ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE)
+    take(loader, 3)
+    before = loader.state_dict()
+    passed = list(loader.one_pass())
+    assert loader.state_dict() == before
+    fresh = take(ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE), loader.batches_per_epoch)
+    assert len(passed) == len(fresh)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(passed, fresh, strict=True))
+
+
+# -- static masking -------------------------------------------------------------------------------
+
+
+def test_static_masking_labels(paths, all_rows):
+    data = {p.name: read_all(p) for p in paths}
+    loader = ShardBatches(paths, micro_batch=8, vocab_size=VOCAB_SIZE)
+    checked = 0
+    for batch in take(loader, loader.batches_per_epoch):
+        labels = batch["masked_lm_labels"]
+        for row, key in enumerate(keys(batch)):
+            shard, index = all_rows[key]
+            positions = data[shard]["masked_lm_positions"][index]
+            ids = data[shard]["masked_lm_ids"][index]
+            expected = torch.full((SEQ,), schema.IGNORE_INDEX, dtype=torch.int64)
+            for pos, tok in zip(positions, ids, strict=True):
+                if pos > 0:
+                    expected[pos] = int(tok)
+            assert torch.equal(labels[row], expected)
+            assert labels[row, 0] == schema.IGNORE_INDEX
+            valid = positions[positions > 0]
+            assert (labels[row] != schema.IGNORE_INDEX).sum() == len(valid) > 0
+            checked += 1
+    assert checked == loader.batches_per_epoch * 8
+
+
+def test_padding_slot_zero_is_ignored(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = make_samples(4, 16, 6, rng)
+    arrays["masked_lm_positions"][:, -2:] = 0  # unused prediction slots
+    arrays["masked_lm_ids"][:, -2:] = 0
+    arrays["masked_lm_positions"][0] = [2, 3, 0, 0, 0, 0]
+    arrays["masked_lm_ids"][0] = [50, 51, 0, 0, 0, 0]
+    path = write_shard(tmp_path / "s.hdf5", arrays)
+    loader = ShardBatches([path], micro_batch=4, vocab_size=VOCAB_SIZE)
+    batch = next(iter(loader))
+    first = torch.from_numpy(arrays["input_ids"][0]).long()
+    row = [i for i, r in enumerate(batch["input_ids"]) if torch.equal(r, first)]
+    labels = batch["masked_lm_labels"][row[0]]
+    assert labels[2] == 50 and labels[3] == 51
+    assert labels[0] == schema.IGNORE_INDEX  # id 0 at position 0 is padding, not a target
+    assert (labels != schema.IGNORE_INDEX).sum() == 2
+
+
+def dynamic_shard(tmp_path, num=16, seq_len=32):
+    """A dynamic-masking shard (no masked_lm_* datasets, unmasked input_ids), as `pld-prep --dynamic-masking` writes."""
+    arrays = make_samples(num, seq_len, 5, np.random.default_rng(0))
+    for i in range(num):  # undo make_samples' static masking
+        valid = arrays["masked_lm_positions"][i] > 0
+        arrays["input_ids"][i, arrays["masked_lm_positions"][i][valid]] = arrays["masked_lm_ids"][i][valid]
+    original = arrays["input_ids"].copy()
+    del arrays["masked_lm_positions"], arrays["masked_lm_ids"]
+    return write_shard(tmp_path / "dynamic.hdf5", arrays), original
+
+
+def test_dynamic_masking_shard_is_recognised(tmp_path):
+    path, _ = dynamic_shard(tmp_path)
+    info = inspect_shard(path)
+    assert not info.static_masking and info.max_predictions == 0
+
+
+def test_dynamic_masking_shard_is_masked_at_load_time(tmp_path):
+    """schema.py: dynamic-masking shards "omit the masked_lm_* fields and are masked at load time".
+    A batch from one must carry MLM targets (the original ids), or the MLM loss is a mean over nothing: NaN."""
+    from pld_helpers import tiny_model
+
+    path, original = dynamic_shard(tmp_path)
+    rows = {row.astype(np.int64).tobytes(): i for i, row in enumerate(original)}
+    masking = DynamicMasking(mask_id=MASK, special_ids=(0, CLS, SEP, MASK), vocab_size=VOCAB_SIZE)
+    batch = next(iter(ShardBatches([path], micro_batch=8, vocab_size=VOCAB_SIZE, masking=masking)))
+    labels = batch["masked_lm_labels"]
+    targets = labels != schema.IGNORE_INDEX
+    assert targets.any(dim=1).all(), "no MLM targets in a batch from a dynamic-masking shard"
+    assert not targets[:, 0].any()
+    assert not (targets & (batch["attention_mask"] == 0)).any()
+    for row in range(8):
+        unmasked = batch["input_ids"][row].clone()
+        unmasked[targets[row]] = labels[row][targets[row]]
+        # masking only touches target positions, and the labels are the shard's tokens there
+        assert unmasked.numpy().tobytes() in rows
+    loss = tiny_model()(**batch).loss
+    assert torch.isfinite(loss)
+
+
+def test_dynamic_masking_follows_the_bert_recipe(tmp_path):
+    path, original = dynamic_shard(tmp_path, num=256, seq_len=64)
+    masking = DynamicMasking(mask_id=MASK, special_ids=(0, CLS, SEP, MASK), vocab_size=VOCAB_SIZE)
+    loader = ShardBatches([path], micro_batch=256, vocab_size=VOCAB_SIZE, masking=masking, seed=3)
+    batch = next(iter(loader))
+    labels, ids = batch["masked_lm_labels"], batch["input_ids"]
+    targets = labels != schema.IGNORE_INDEX
+    real = (batch["attention_mask"] == 1).sum(1).float()
+    # 15% of the real tokens (the specials are few), at least one per row
+    assert abs(targets.sum(1).float().mean() / real.mean() - 0.15) < 0.03
+    assert not torch.isin(labels[targets], torch.tensor([0, CLS, SEP, MASK])).any()
+    replaced = ids[targets]
+    frac_mask = (replaced == MASK).float().mean().item()
+    frac_kept = (replaced == labels[targets]).float().mean().item()
+    assert abs(frac_mask - 0.8) < 0.05 and 0.07 < frac_kept < 0.16  # 10% kept + random hits of the same id
+    # the draw depends on the position only: a fresh loader at the same position masks identically
+    again = next(iter(ShardBatches([path], micro_batch=256, vocab_size=VOCAB_SIZE, masking=masking, seed=3)))
+    assert torch.equal(again["input_ids"], ids) and torch.equal(again["masked_lm_labels"], labels)
+
+
+def test_dynamic_masking_shard_without_a_vocabulary_is_refused(tmp_path):
+    path, _ = dynamic_shard(tmp_path)
+    with pytest.raises(ShardError, match=r"\[MASK\]"):
+        ShardBatches([path], micro_batch=8, vocab_size=VOCAB_SIZE)
+
+
+def test_next_sentence_labels_n_by_1_accepted(tmp_path):
+    arrays = make_samples(8, 16, 3, np.random.default_rng(0))
+    arrays["next_sentence_labels"] = arrays["next_sentence_labels"].reshape(-1, 1)
+    path = write_shard(tmp_path / "nsp.hdf5", arrays)
+    batch = next(iter(ShardBatches([path], micro_batch=4, vocab_size=VOCAB_SIZE)))
+    assert batch["next_sentence_labels"].shape == (4,)
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+def good_arrays(num=8, seq_len=16, max_pred=3):
+    return make_samples(num, seq_len, max_pred, np.random.default_rng(0))
+
+
+def write_raw(path, arrays):
+    with h5py.File(path, "w") as f:
+        for name, value in arrays.items():
+            f.create_dataset(name, data=value)
+    return path
+
+
+def test_inspect_good_shard(tmp_path):
+    path = write_shard(tmp_path / "ok.hdf5", good_arrays())
+    info = inspect_shard(path)
+    assert (info.num_samples, info.seq_len, info.max_predictions, info.static_masking) == (8, 16, 3, True)
+
+
+@pytest.mark.parametrize("missing", ["input_ids", "input_mask", "segment_ids", "next_sentence_labels"])
+def test_missing_dataset(tmp_path, missing):
+    arrays = good_arrays()
+    del arrays[missing]
+    path = write_raw(tmp_path / "missing.hdf5", arrays)
+    with pytest.raises(ShardError, match=f"missing dataset {missing}") as info:
+        inspect_shard(path)
+    assert str(path) in str(info.value)
+
+
+def test_only_one_mask_field(tmp_path):
+    arrays = good_arrays()
+    del arrays["masked_lm_ids"]
+    path = write_raw(tmp_path / "half.hdf5", arrays)
+    with pytest.raises(ShardError, match="masked_lm_positions / masked_lm_ids") as info:
+        inspect_shard(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["input_ids", "input_mask", "masked_lm_positions"])
+def test_float_dtype(tmp_path, field):
+    arrays = good_arrays()
+    arrays[field] = arrays[field].astype(np.float32)
+    path = write_raw(tmp_path / "float.hdf5", arrays)
+    with pytest.raises(ShardError, match=f"{field} has dtype float32") as info:
+        inspect_shard(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("field, shape", [
+    ("input_mask", (8, 15)),
+    ("segment_ids", (7, 16)),
+    ("masked_lm_ids", (8, 4)),
+    ("next_sentence_labels", (8, 2)),
+    ("input_ids", (8,)),
+])
+def test_wrong_shape(tmp_path, field, shape):
+    arrays = good_arrays()
+    arrays[field] = np.zeros(shape, dtype=arrays[field].dtype)
+    path = write_raw(tmp_path / "shape.hdf5", arrays)
+    with pytest.raises(ShardError, match=r"has shape") as info:
+        inspect_shard(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("field, value", [("input_ids", VOCAB_SIZE), ("input_ids", -1), ("masked_lm_ids", 500)])
+def test_token_id_outside_vocabulary(tmp_path, field, value):
+    arrays = good_arrays()
+    arrays[field][3, 1] = value
+    path = write_shard(tmp_path / "vocab.hdf5", arrays)
+    loader = ShardBatches([path], micro_batch=4, vocab_size=VOCAB_SIZE)
+    with pytest.raises(ShardError, match=rf"{field} holds token ids outside \[0, {VOCAB_SIZE}\)") as info:
+        next(iter(loader))
+    assert str(path) in str(info.value)
+    # the largest valid id is fine
+    arrays[field][3, 1] = VOCAB_SIZE - 1
+    ok = write_shard(tmp_path / "ok.hdf5", arrays)
+    next(iter(ShardBatches([ok], micro_batch=4, vocab_size=VOCAB_SIZE)))
+
+
+def test_masked_position_outside_the_sequence(tmp_path):
+    """Like a token id outside the vocabulary, a prediction position past the sequence is a bad shard:
+    the error must be a ShardError naming the shard, not an IndexError from the collate step."""
+    arrays = good_arrays(seq_len=16)
+    arrays["masked_lm_positions"][2, 0] = 16
+    path = write_shard(tmp_path / "positions.hdf5", arrays)
+    with pytest.raises(ShardError) as info:
+        next(iter(ShardBatches([path], micro_batch=8, vocab_size=VOCAB_SIZE)))
+    assert str(path) in str(info.value) and "masked_lm_positions" in str(info.value)
+
+
+def test_sequence_length_mismatch_between_shards(tmp_path):
+    a = write_shard(tmp_path / "a.hdf5", good_arrays(seq_len=16))
+    b = write_shard(tmp_path / "b.hdf5", good_arrays(seq_len=24))
+    with pytest.raises(ShardError, match="sequence length 24 \\(expected 16") as info:
+        ShardBatches([a, b], micro_batch=4, vocab_size=VOCAB_SIZE)
+    assert str(b) in str(info.value)
+    with pytest.raises(ShardError, match="sequence length 16 \\(expected 24"):
+        ShardBatches([a], micro_batch=4, vocab_size=VOCAB_SIZE, seq_len=24)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not hdf5" * 100, b"\x89HDF\r\n\x1a\n" + b"\x00" * 40])
+def test_corrupt_file(tmp_path, content):
+    path = tmp_path / "corrupt.hdf5"
+    path.write_bytes(content)
+    with pytest.raises(ShardError, match="not a readable HDF5 shard") as info:
+        inspect_shard(path)
+    assert str(path) in str(info.value)
+
+
+def test_truncated_file(tmp_path):
+    good = write_shard(tmp_path / "good.hdf5", good_arrays(num=64, seq_len=32))
+    path = tmp_path / "truncated.hdf5"
+    path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ShardError) as info:
+        ShardBatches([path], micro_batch=4, vocab_size=VOCAB_SIZE)
+        # if the header survived, reading the data must fail
+        list(itertools.islice(iter(ShardBatches([path], micro_batch=4, vocab_size=VOCAB_SIZE)), 16))
+    assert str(path) in str(info.value)
+
+
+def test_folder_with_no_shards(tmp_path):
+    (tmp_path / "notes.txt").write_text("no shards here")
+    with pytest.raises(ShardError, match=r"no \*\.hdf5 shards") as info:
+        find_shards(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ShardError, match="no such directory") as info:
+        find_shards(tmp_path / "absent", "--data")
+    assert str(tmp_path / "absent") in str(info.value) and "--data" in str(info.value)
+
+
+def test_find_shards_is_sorted_and_filtered(tmp_path):
+    for name in ("b.hdf5", "a.hdf5", "c.h5", "manifest.json"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in find_shards(tmp_path)] == ["a.hdf5", "b.hdf5"]
+
+
+def test_fewer_samples_than_a_global_batch(tmp_path):
+    path = write_shard(tmp_path / "small.hdf5", good_arrays(num=5))
+    with pytest.raises(ShardError, match="fewer than one global batch of 8"):
+        ShardBatches([path], micro_batch=4, vocab_size=VOCAB_SIZE, world_size=2)
+
+
+def test_shard_error_is_a_user_error():
+    from pld_ds.errors import UserError
+
+    assert issubclass(shards.ShardError, UserError)

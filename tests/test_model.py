@@ -1,0 +1,365 @@
+"""PreLN BERT and PLD as a forward argument (pld_ds/model.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from pld_helpers import synthetic_batch, tiny_config, tiny_model, torch_threads
+from torch import nn
+
+from pld_ds import pld
+from pld_ds.config import MODEL_PRESETS, model_config
+from pld_ds.data.schema import IGNORE_INDEX
+from pld_ds.model import BertConfig, BertForPreTraining, Layer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def batch():
+    return synthetic_batch(batch=4, seq_len=16)
+
+
+def find_gates(num_layers, theta_now, want, limit=5000):
+    """(step, gates) of the first generator seed whose gates satisfy `want`."""
+    for step in range(limit):
+        gates = pld.sample_gates(num_layers, theta_now, pld.gate_generator(0, step, 0))
+        if want(gates):
+            return step, gates
+    raise AssertionError("no generator seed gave the wanted gates")
+
+
+# -- PLD off, on, eval ----------------------------------------------------------------------------
+
+
+def test_eval_equals_train_without_pld_when_dropout_is_zero(batch):
+    model = tiny_model()
+    train_out = model.train()(**batch)
+    eval_out = model.eval()(**batch)
+    assert torch.equal(train_out.loss, eval_out.loss)
+    assert torch.equal(train_out.mlm_logits, eval_out.mlm_logits)
+    assert torch.equal(train_out.nsp_logits, eval_out.nsp_logits)
+    # with dropout the two modes differ (the comparison above is not vacuous)
+    noisy = tiny_model(dropout=0.1)
+    assert not torch.equal(noisy.train()(**batch).mlm_logits, noisy.eval()(**batch).mlm_logits)
+    assert train_out.layers_run == eval_out.layers_run == 4
+
+
+def test_theta_one_is_exactly_no_pld(batch):
+    model = tiny_model().train()
+    plain = model(**batch)
+    for step in range(5):
+        with_pld = model(**batch, progressive_layer_drop=True, pld_theta=1.0,
+                         pld_generator=pld.gate_generator(0, step, 0))
+        assert with_pld.layers_run == 4
+        assert torch.equal(with_pld.loss, plain.loss)
+        assert torch.equal(with_pld.mlm_logits, plain.mlm_logits)
+        assert torch.equal(with_pld.nsp_logits, plain.nsp_logits)
+
+
+def test_pld_changes_the_output_when_theta_is_low(batch):
+    """The counterpart of the test above: PLD at theta 0.3 with a gate pattern that drops a layer differs."""
+    model = tiny_model().train()
+    step, gates = find_gates(4, 0.3, lambda g: not all(k for k, _ in g))
+    plain = model(**batch)
+    with_pld = model(**batch, progressive_layer_drop=True, pld_theta=0.3, pld_generator=pld.gate_generator(0, step, 0))
+    assert with_pld.layers_run == sum(k for k, _ in gates) < 4
+    assert not torch.allclose(with_pld.loss, plain.loss)
+
+
+def test_eval_mode_runs_every_layer_with_pld_requested(batch):
+    model = tiny_model().eval()
+    plain = model(**batch)
+    for step in range(10):
+        out = model(**batch, progressive_layer_drop=True, pld_theta=0.1, pld_generator=pld.gate_generator(0, step, 0))
+        assert out.layers_run == model.config.num_layers
+        assert torch.equal(out.loss, plain.loss)
+        assert torch.equal(out.mlm_logits, plain.mlm_logits)
+
+
+# -- dropped layers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dropped_layer", [1, 3])
+def test_dropped_layer_is_skipped_and_gets_no_gradient(batch, dropped_layer):
+    model = tiny_model().train()
+    step, gates = find_gates(4, 0.3, lambda g: not g[dropped_layer][0] and sum(k for k, _ in g) >= 2)
+    ran = []
+    handles = [layer.register_forward_hook(lambda m, i, o, idx=idx: ran.append(idx))
+               for idx, layer in enumerate(model.encoder.layers)]
+    out = model(**batch, progressive_layer_drop=True, pld_theta=0.3, pld_generator=pld.gate_generator(0, step, 0))
+    for h in handles:
+        h.remove()
+    kept = [i for i, (k, _) in enumerate(gates) if k]
+    assert ran == kept
+    assert dropped_layer not in ran
+    assert out.layers_run == len(kept)
+    out.loss.backward()
+    for idx, layer in enumerate(model.encoder.layers):
+        grads = [p.grad for p in layer.parameters()]
+        if idx in kept:
+            assert all(g is not None for g in grads), idx
+            assert any(g.abs().sum() > 0 for g in grads), idx
+        else:
+            assert all(g is None for g in grads), idx
+    # the rest of the model trains as usual
+    assert model.embeddings.word.weight.grad is not None
+    assert model.encoder.final_norm.weight.grad is not None
+
+
+def test_all_layers_dropped_is_final_norm_of_embeddings(batch):
+    model = tiny_model().train()
+    x = model.embeddings(batch["input_ids"], batch["token_type_ids"])
+    mask = batch["attention_mask"].bool()[:, None, None, :]
+    hidden, layers_run = model.encoder(x, mask, [(False, p) for p in pld.keep_probs(4, 0.5)])
+    assert layers_run == 0
+    assert torch.equal(hidden, model.encoder.final_norm(x))
+    full, layers_run = model.encoder(x, mask, None)
+    assert layers_run == 4
+    assert not torch.allclose(full, hidden)
+
+
+def test_dropping_one_layer_equals_running_the_others(batch):
+    """Gates (kept, p) with layer 2 dropped equal running layers 0, 1, 3 by hand with their p."""
+    model = tiny_model().train()
+    x = model.embeddings(batch["input_ids"], batch["token_type_ids"])
+    mask = batch["attention_mask"].bool()[:, None, None, :]
+    probs = pld.keep_probs(4, 0.5)
+    gates = [(i != 2, p) for i, p in enumerate(probs)]
+    hidden, layers_run = model.encoder(x, mask, gates)
+    manual = x
+    for i in (0, 1, 3):
+        manual = model.encoder.layers[i](manual, mask, probs[i])
+    assert layers_run == 3
+    assert torch.equal(hidden, model.encoder.final_norm(manual))
+
+
+# -- the PreLN layer against PyTorch's reference --------------------------------------------------
+
+
+def reference_layer(layer: Layer, cfg: BertConfig) -> nn.TransformerEncoderLayer:
+    ref = nn.TransformerEncoderLayer(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, dropout=0.0,
+                                     activation="gelu", batch_first=True, norm_first=True,
+                                     layer_norm_eps=cfg.layer_norm_eps)
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(layer.attn.qkv.weight)
+        ref.self_attn.in_proj_bias.copy_(layer.attn.qkv.bias)
+        ref.self_attn.out_proj.weight.copy_(layer.attn.out.weight)
+        ref.self_attn.out_proj.bias.copy_(layer.attn.out.bias)
+        ref.linear1.weight.copy_(layer.ffn.fc1.weight)
+        ref.linear1.bias.copy_(layer.ffn.fc1.bias)
+        ref.linear2.weight.copy_(layer.ffn.fc2.weight)
+        ref.linear2.bias.copy_(layer.ffn.fc2.bias)
+        ref.norm1.weight.copy_(layer.attn_norm.weight)
+        ref.norm1.bias.copy_(layer.attn_norm.bias)
+        ref.norm2.weight.copy_(layer.ffn_norm.weight)
+        ref.norm2.bias.copy_(layer.ffn_norm.bias)
+    return ref
+
+
+def randomized_layer(cfg: BertConfig, seed: int = 0) -> Layer:
+    """A layer with every parameter random (biases and norms too), so a mis-mapped weight shows."""
+    torch.manual_seed(seed)
+    layer = Layer(cfg)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 and p.shape[0] == cfg.hidden_size else 0.0))
+    return layer
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_layer_equals_torch_transformer_encoder_layer(mode, padded):
+    cfg = tiny_config(dropout=0.0)
+    layer = randomized_layer(cfg)
+    ref = reference_layer(layer, cfg)
+    layer.train(mode == "train")
+    ref.train(mode == "train")
+    torch.manual_seed(1)
+    x = torch.randn(3, 10, cfg.hidden_size)
+    if padded:
+        attend = torch.ones(3, 10, dtype=torch.bool)
+        attend[0, 6:] = False
+        attend[2, 3:] = False
+        ours = layer(x, attend[:, None, None, :])
+        theirs = ref(x, src_key_padding_mask=~attend)
+        # PyTorch's eval fast path may zero padded positions; real positions must agree
+        assert torch.allclose(ours[attend], theirs[attend], atol=1e-5)
+        if mode == "train":
+            assert torch.allclose(ours, theirs, atol=1e-5)
+        # and the mask matters: without it the real positions of padded rows differ
+        unmasked = layer(x, None)
+        assert not torch.allclose(unmasked[0, :6], ours[0, :6], atol=1e-4)
+    else:
+        ours = layer(x, None)
+        theirs = ref(x)
+        assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep_prob", [0.9, 0.5, 0.25])
+def test_layer_rescales_sublayer_outputs_by_one_over_p(keep_prob):
+    cfg = tiny_config(dropout=0.0)
+    layer = randomized_layer(cfg).eval()
+    torch.manual_seed(2)
+    x = torch.randn(2, 8, cfg.hidden_size)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask = mask[:, None, None, :]
+    with torch.no_grad():
+        attn_out = layer.attn(layer.attn_norm(x), mask)
+        mid = x + attn_out / keep_prob
+        expected = mid + layer.ffn(layer.ffn_norm(mid)) / keep_prob
+        got = layer(x, mask, keep_prob)
+        unscaled = layer(x, mask, 1.0)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, unscaled, atol=1e-3)
+    # p = 1 is x + attn then + ffn with no scaling
+    with torch.no_grad():
+        mid1 = x + layer.attn(layer.attn_norm(x), mask)
+        assert torch.allclose(unscaled, mid1 + layer.ffn(layer.ffn_norm(mid1)), atol=1e-6)
+
+
+# -- heads and losses -----------------------------------------------------------------------------
+
+
+def test_mlm_logits_at_masked_positions_equal_full_logits(batch):
+    model = tiny_model().eval()
+    labels = batch["masked_lm_labels"]
+    inputs = {k: v for k, v in batch.items() if k != "masked_lm_labels"}
+    full = model(**inputs)
+    assert full.mlm_logits.shape == (4, 16, model.config.vocab_size)
+    assert full.mlm_loss is None
+    masked = model(**inputs, masked_lm_labels=labels)
+    selected = labels != IGNORE_INDEX
+    assert masked.mlm_logits.shape == (int(selected.sum()), model.config.vocab_size)
+    assert torch.allclose(masked.mlm_logits, full.mlm_logits[selected], atol=1e-5)
+
+
+def test_decoder_is_tied_to_word_embeddings(batch):
+    model = tiny_model().train()
+    assert model.heads.decoder.weight is model.embeddings.word.weight
+    params = list(model.parameters())
+    assert sum(p is model.embeddings.word.weight for p in params) == 1  # counted once
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(**batch).loss.backward()
+    opt.step()
+    assert model.heads.decoder.weight is model.embeddings.word.weight
+    assert model.heads.decoder.weight.data_ptr() == model.embeddings.word.weight.data_ptr()
+
+
+def test_mlm_and_nsp_losses_by_hand(batch):
+    model = tiny_model().eval()
+    out = model(**batch)
+    labels = batch["masked_lm_labels"]
+    targets = labels[labels != IGNORE_INDEX]
+    log_probs = torch.log_softmax(out.mlm_logits.double(), dim=-1)
+    mlm = -log_probs[torch.arange(len(targets)), targets].mean()
+    assert out.mlm_loss.item() == pytest.approx(mlm.item(), rel=1e-5)
+    nsp_log_probs = torch.log_softmax(out.nsp_logits.double(), dim=-1)
+    nsp = -nsp_log_probs[torch.arange(4), batch["next_sentence_labels"]].mean()
+    assert out.nsp_loss.item() == pytest.approx(nsp.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(mlm.item() + nsp.item(), rel=1e-5)
+    # an untrained model is close to uniform over the vocabulary
+    assert out.mlm_loss.item() == pytest.approx(torch.log(torch.tensor(100.0)).item(), rel=0.1)
+
+
+def test_loss_without_nsp_labels_is_mlm_only(batch):
+    model = tiny_model().eval()
+    inputs = {k: v for k, v in batch.items() if k != "next_sentence_labels"}
+    out = model(**inputs)
+    assert out.nsp_loss is None
+    assert torch.equal(out.loss, out.mlm_loss)
+    assert out.nsp_logits.shape == (4, 2)
+
+
+def test_padding_does_not_change_real_positions():
+    """A padded token's id must not influence real positions (the attention mask works end to end)."""
+    model = tiny_model().eval()
+    batch = synthetic_batch(batch=2, seq_len=12)
+    batch["attention_mask"][:, 8:] = 0
+    other = {k: v.clone() for k, v in batch.items()}
+    other["input_ids"][:, 8:] = 77
+    labels = batch["masked_lm_labels"].clone()
+    labels[:, 8:] = IGNORE_INDEX
+    a = model(**{**batch, "masked_lm_labels": labels})
+    b = model(**{**other, "masked_lm_labels": labels})
+    assert torch.allclose(a.mlm_logits, b.mlm_logits, atol=1e-5)
+    assert torch.allclose(a.nsp_logits, b.nsp_logits, atol=1e-5)
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields, fragment", [
+    (dict(hidden_size=65, num_heads=2), "not divisible"),
+    (dict(hidden_size=64, num_heads=3), "not divisible"),
+    (dict(num_layers=-1), "num_layers"),
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(vocab_size=-5), "vocab_size"),
+    (dict(intermediate_size=-1), "intermediate_size"),
+    (dict(num_heads=0), "num_heads"),
+    (dict(hidden_dropout=1.0), "hidden_dropout"),
+    (dict(attention_dropout=-0.1), "attention_dropout"),
+    (dict(num_layers=2.5), "num_layers"),
+])
+def test_bert_config_rejects_bad_values(fields, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        BertConfig(**fields)
+
+
+def test_bert_config_defaults_are_bert_base():
+    cfg = BertConfig()
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size) == (768, 12, 12, 3072)
+    assert cfg.vocab_size % 64 == 0 and cfg.vocab_size >= 30522
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_every_preset_is_a_valid_config(name):
+    cfg = model_config(name)
+    assert isinstance(cfg, BertConfig)
+    for key, value in MODEL_PRESETS[name].items():
+        assert getattr(cfg, key) == value
+    assert cfg.hidden_size % cfg.num_heads == 0
+    assert cfg.intermediate_size == 4 * cfg.hidden_size or name == "tiny"
+
+
+@pytest.mark.parametrize("name", ["tiny", "mini"])
+def test_small_presets_build_and_run(name):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(model_config(name), vocab_size=128)
+    model = BertForPreTraining(cfg).eval()
+    assert len(model.encoder.layers) == cfg.num_layers
+    batch = synthetic_batch(batch=2, seq_len=8, vocab=128)
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    assert out.layers_run == cfg.num_layers
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_grads(batch):
+    plain = tiny_model().train()
+    ckpt = tiny_model(activation_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    step, _ = find_gates(4, 0.3, lambda g: not all(k for k, _ in g))
+    losses = []
+    for m in (plain, ckpt):
+        out = m(**batch, progressive_layer_drop=True, pld_theta=0.3, pld_generator=pld.gate_generator(0, step, 0))
+        out.loss.backward()
+        losses.append(out.loss)
+    assert torch.allclose(losses[0], losses[1])
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
+def test_residual_projections_get_scaled_init():
+    model = tiny_model(num_layers=8)
+    std = model.encoder.layers[0].attn.out.weight.std().item()
+    assert std == pytest.approx(0.02 / 4.0, rel=0.2)  # 0.02 / sqrt(2 * 8)
+    assert model.encoder.layers[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.2)
