@@ -90,6 +90,8 @@ def split_ds_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any]
 MODEL_PRESETS: dict[str, dict[str, int]] = {
     # For tests and smoke runs: seconds on a CPU.
     "tiny": dict(hidden_size=64, num_layers=4, num_heads=2, intermediate_size=128, max_position_embeddings=128),
+    # Small enough to learn on two CPU cores in minutes (the quickstart).
+    "micro": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_position_embeddings=128),
     # Google's BERT miniatures (Turc et al. 2019) and the two paper sizes.
     "mini": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
     "small": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=2048),

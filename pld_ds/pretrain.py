@@ -131,19 +131,20 @@ def evaluate(engine: Any, batches: ShardBatches, max_batches: int) -> dict[str, 
             "eval/nsp_accuracy": nsp_ok / max(n, 1)}
 
 
-def resume_from(engine: Any, resume: str | None, checkpoints: Path, train: ShardBatches) -> None:
-    if resume is None:
-        return
+def resume_target(resume: str | None, checkpoints: Path) -> tuple[Path, str | None] | None:
+    """(folder, tag) of the checkpoint to load: tag None means the folder's `latest`."""
+    if resume is None or (resume == "auto" and not (checkpoints / "latest").is_file()):
+        return None
     if resume == "auto":
-        if not (checkpoints / "latest").is_file():
-            return
-        load_dir, tag = checkpoints, None
-    else:
-        path = Path(resume)
-        if not path.exists():
-            raise UserError(f"--resume {resume}: no such checkpoint folder")
-        load_dir, tag = (path, None) if (path / "latest").is_file() else (path.parent, path.name)
-    client = engine.load_checkpoint(load_dir, tag)
+        return checkpoints, None
+    path = Path(resume)
+    if not path.exists():
+        raise UserError(f"--resume {resume}: no such checkpoint folder")
+    return (path, None) if (path / "latest").is_file() else (path.parent, path.name)
+
+
+def resume_from(engine: Any, resume: str, target: tuple[Path, str | None], train: ShardBatches) -> None:
+    client = engine.load_checkpoint(*target)
     if client is None:
         raise UserError(f"--resume {resume}: no loadable checkpoint there")
     train.load_state_dict(client["data"])
@@ -166,6 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     output = Path(args.output)
+    checkpoints = output / "checkpoints"
+    target = resume_target(args.resume, checkpoints)
     from pld_ds.engine import PLDEngine  # imports deepspeed (seconds): after the input checks
 
     engine = PLDEngine(BertForPreTraining(cfg), args.deepspeed_config, seed=args.seed, output_dir=output)
@@ -177,8 +180,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         raise ShardError(f"{train_paths[0]}: sequence length {train.seq_len} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}")
     valid = ShardBatches(eval_paths, seq_len=train.seq_len, **shard_args) if eval_paths else None
-    checkpoints = output / "checkpoints"
-    resume_from(engine, args.resume, checkpoints, train)
+    if target is not None:
+        resume_from(engine, args.resume, target, train)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         resolved = {"args": vars(args), "model": asdict(cfg), "pld": asdict(engine.pld), "deepspeed": engine.ds_config}
@@ -225,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"pld-pretrain: error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():  # else NCCL warns at exit
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def test_model_json_file(tmp_path):
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match=r"--model: expected one of tiny, mini, small, base, large.*'huge'"):
+    with pytest.raises(ConfigError, match=r"--model: expected one of tiny, micro, mini, small, base, large.*'huge'"):
         model_config("huge")
 
 

@@ -76,6 +76,10 @@ def make_engine(tmp_path, model_cls=RecordingBert, dropout=0.0, seed=0, engine_s
     return PLDEngine(model, config or ds_config(), seed=engine_seed, output_dir=tmp_path / name)
 
 
+def on_device(engine, batch):
+    return {k: v.to(engine.device) for k, v in batch.items()}
+
+
 def batches(n, micro=4, start=0):
     return [synthetic_batch(batch=micro, seq_len=16, seed=start + i) for i in range(n)]
 
@@ -102,13 +106,13 @@ def test_kwargs_reach_forward_in_train_mode_only(tmp_path):
 
     engine.eval()
     with torch.no_grad():
-        out = engine(**data[2])
+        out = engine(**on_device(engine, data[2]))
     call = model.calls[-1]
     assert not call["training"]
     assert call["progressive_layer_drop"] is False and call["pld_theta"] == 1.0 and call["pld_generator"] is None
     assert out.layers_run == 4
     engine.train()
-    engine(**data[2])
+    engine(**on_device(engine, data[2]))
     assert model.calls[-1]["progressive_layer_drop"] is True
 
 
@@ -123,7 +127,7 @@ def test_model_without_pld_generator_gets_exactly_two_kwargs(tmp_path):
     assert engine.module.calls[-1]["pld_theta"] == pld.theta(1, 0.5, 0.01)
     engine.eval()
     with torch.no_grad():
-        engine(**batches(1)[0])
+        engine(**on_device(engine, batches(1)[0]))
     assert engine.module.calls[-1]["progressive_layer_drop"] is False
 
 
@@ -189,7 +193,7 @@ def test_theta_follows_global_steps_and_moves_only_at_accumulation_boundaries(tm
     for i, batch in enumerate(data):
         thetas.append(engine.get_pld_theta())
         steps.append(engine.global_steps)
-        out = engine(**batch)
+        out = engine(**on_device(engine, batch))
         engine.backward(out.loss)
         engine.step()
         call = model.calls[-1]

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The main job on an embedded default, on CPU: a corpus from the documentation that ships with
+# Python (or CORPUS=path of your own text), shards with pld-prep, PLD pretraining through the
+# DeepSpeed engine, evaluation on held-out shards. Settings: OUT (runs/quickstart), STEPS (1200).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+out=${OUT:-runs/quickstart}
+corpus=${CORPUS:-}
+if [ -z "$corpus" ]; then
+  corpus=$out/corpus.txt
+  python -m data_prep.demo_corpus "$corpus"
+fi
+pld-prep --input "$corpus" --output "$out/shards" --train-vocab 4096 --max-seq-length 64 \
+  --max-predictions-per-seq 10 --dupe-factor 5 --num-shards 4 --seed 1
+pld-pretrain --deepspeed_config ds_configs/quickstart_cpu.json --data "$out/shards" --output "$out/run" \
+  --model micro --max-steps "${STEPS:-1200}" --log-interval 50 --eval-interval 400 --eval-batches 40 --resume auto
+python - "$out/shards" <<'PY'
+import sys, pathlib, h5py, numpy as np
+root = pathlib.Path(sys.argv[1])
+def ids(split):
+    return np.concatenate([h5py.File(p)["masked_lm_ids"][:][h5py.File(p)["masked_lm_positions"][:] > 0]
+                           for p in sorted((root / split).glob("*.hdf5"))])
+counts = np.bincount(ids("train"), minlength=1 << 16) + 1.0
+valid = ids("validation")
+print(f"unigram baseline (predict masked tokens by frequency alone): eval mlm_loss {-np.log(counts[valid] / counts.sum()).mean():.4f}")
+PY
+cat <<TXT
+
+artefacts
+  shards       $out/shards (manifest.json, vocab.txt, train/, validation/)
+  checkpoint   $out/run/checkpoints
+  scalars      $out/run/tensorboard (also CSV under $out/run/csv)
+  settings     $out/run/run_config.json
+watch with:    .venv/bin/tensorboard --logdir $out/run/tensorboard
+TXT
