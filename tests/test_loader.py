@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import h5py
 import numpy as np
@@ -484,3 +485,198 @@ def test_shard_error_is_a_user_error():
     from pld_ds.errors import UserError
 
     assert issubclass(shards.ShardError, UserError)
+
+
+# -- reading only a rank's rows, prefetch ---------------------------------------------------------
+
+
+def whole_shard_batches(paths, micro, rank, world, seed, n):
+    """The reference: every shard read whole, then the documented order (shards by (seed, epoch), samples of
+    each shard by (seed, epoch, shard)), global batch b, slice `rank`."""
+    data = [read_all(p) for p in paths]
+    sizes = [len(d["input_ids"]) for d in data]
+    out = []
+    per_epoch = sum(sizes) // (micro * world)
+    for b in range(n):
+        epoch, batch = divmod(b, per_epoch)
+        shard_order = np.random.default_rng([seed, epoch]).permutation(len(paths))
+        stream = [(int(i), int(r)) for i in shard_order
+                  for r in np.random.default_rng([seed, epoch, int(i)]).permutation(sizes[i])]
+        first = batch * micro * world + rank * micro
+        out.append(np.stack([data[i]["input_ids"][r] for i, r in stream[first:first + micro]]).astype(np.int64))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_batches_equal_the_whole_shard_reference(paths, world):
+    for rank in range(world):
+        loader = ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE, rank=rank, world_size=world, seed=5)
+        n = loader.batches_per_epoch + 3  # into the second epoch
+        expected = whole_shard_batches(paths, 4, rank, world, 5, n)
+        assert all(np.array_equal(b["input_ids"].numpy(), e) for b, e in zip(take(loader, n), expected, strict=True))
+
+
+def test_a_rank_keeps_only_its_rows(paths, monkeypatch):
+    """Over an epoch each rank reads from the shards only the rows of its own slices, each once."""
+    read = {}
+    original = shards.read_rows
+
+    def counting(info, rows, vocab_size):
+        read.setdefault(current, []).extend((info.path.name, int(r)) for r in rows)
+        return original(info, rows, vocab_size)
+
+    monkeypatch.setattr(shards, "read_rows", counting)
+    micro, world = 5, 2
+    for current in range(world):
+        loader = ShardBatches(paths, micro_batch=micro, vocab_size=VOCAB_SIZE, rank=current, world_size=world,
+                              prefetch=0)
+        take(loader, loader.batches_per_epoch)
+    per_rank = loader.batches_per_epoch * micro
+    assert [len(read[r]) for r in range(world)] == [per_rank, per_rank]
+    assert len(set(read[0])) == len(set(read[1])) == per_rank
+    assert not set(read[0]) & set(read[1])
+
+
+def test_read_rows_in_any_order_matches_the_file(paths):
+    info = inspect_shard(paths[1])
+    raw = read_all(paths[1])
+    rows = np.array([49, 0, 7, 7, 31, 2])
+    got = shards.read_rows(info, rows, VOCAB_SIZE)
+    for name, values in got.items():
+        assert np.array_equal(values, raw[name][rows].reshape(len(rows), *values.shape[1:]))
+
+
+def test_small_slabs_give_the_same_rows(paths, monkeypatch):
+    monkeypatch.setattr(shards, "SLAB_BYTES", 1)  # one HDF5 chunk per read
+    info = inspect_shard(paths[0])
+    rows = np.random.default_rng(0).permutation(info.num_samples)[:20]
+    assert np.array_equal(shards.read_rows(info, rows, VOCAB_SIZE)["input_ids"], read_all(paths[0])["input_ids"][rows])
+
+
+@pytest.mark.parametrize("k", [0, 5, 22, 23, 31])
+def test_prefetch_keeps_order_and_resume_exact(paths, k):
+    total = 40
+    reference = take(ShardBatches(paths, micro_batch=5, vocab_size=VOCAB_SIZE, seed=7, prefetch=0), total)
+    first = ShardBatches(paths, micro_batch=5, vocab_size=VOCAB_SIZE, seed=7, prefetch=4)
+    it = iter(first)
+    head = [next(it) for _ in range(k)]
+    # the thread has prepared batches beyond k by now; the position is still that of batch k
+    state = first.state_dict()
+    assert (state["epoch"], state["batch_in_epoch"]) == ((0, k) if k <= 23 else (1, k - 23))
+    resumed = ShardBatches(paths, micro_batch=5, vocab_size=VOCAB_SIZE, seed=7, prefetch=4)
+    resumed.load_state_dict(state)
+    got = head + take(resumed, total - k)
+    for a, b in zip(reference, got, strict=True):
+        for name in a:
+            assert torch.equal(a[name], b[name])
+    # the interrupted iterator itself also goes on exactly
+    rest = [next(it) for _ in range(total - k)]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(reference[k:], rest, strict=True))
+
+
+def test_prefetch_with_dynamic_masking_resumes_identically(tmp_path):
+    path, _ = dynamic_shard(tmp_path, num=64)
+    masking = DynamicMasking(mask_id=MASK, special_ids=(0, CLS, SEP, MASK), vocab_size=VOCAB_SIZE)
+    reference = take(ShardBatches([path], micro_batch=8, vocab_size=VOCAB_SIZE, masking=masking, prefetch=0), 12)
+    first = ShardBatches([path], micro_batch=8, vocab_size=VOCAB_SIZE, masking=masking, prefetch=3)
+    head = take(first, 5)
+    resumed = ShardBatches([path], micro_batch=8, vocab_size=VOCAB_SIZE, masking=masking, prefetch=3)
+    resumed.load_state_dict(first.state_dict())
+    for a, b in zip(reference, head + take(resumed, 7), strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["masked_lm_labels"], b["masked_lm_labels"])
+
+
+def test_load_state_dict_during_iteration_moves_a_prefetching_iterator(paths):
+    reference = take(ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE, prefetch=0), 10)
+    loader = ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE, prefetch=3)
+    it = iter(loader)
+    for _ in range(6):
+        next(it)
+    loader.load_state_dict({"epoch": 0, "batch_in_epoch": 2})
+    assert torch.equal(next(it)["input_ids"], reference[2]["input_ids"])
+    assert loader.state_dict()["batch_in_epoch"] == 3
+
+
+def test_a_bad_row_raises_at_its_batch_with_prefetch(tmp_path):
+    arrays = good_arrays(num=16)
+    arrays["input_ids"][:, 1] = VOCAB_SIZE + 5  # every row bad: the first batch fails, not a later one
+    path = write_shard(tmp_path / "bad.hdf5", arrays)
+    loader = ShardBatches([path], micro_batch=4, vocab_size=VOCAB_SIZE, prefetch=2)
+    with pytest.raises(ShardError, match="input_ids holds token ids outside") as info:
+        next(iter(loader))
+    assert str(path) in str(info.value)
+    assert loader.state_dict()["batch_in_epoch"] == 0
+
+
+# -- skipping bad shards --------------------------------------------------------------------------
+
+
+def test_skip_bad_shards_flag(tmp_path):
+    good = [write_shard(tmp_path / f"good_{i}.hdf5", good_arrays(num=8)) for i in range(2)]
+    bad = tmp_path / "bad.hdf5"
+    bad.write_bytes(b"this is not hdf5" * 10)
+    paths = sorted([*good, bad])
+    with pytest.raises(ShardError, match="not a readable HDF5 shard"):
+        ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE)
+    loader = ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE, skip_bad_shards=True)
+    assert [info.path for info in loader.infos] == good
+    assert len(loader.skipped) == 1 and str(bad) in str(loader.skipped[0])
+    assert loader.batches_per_epoch == 4
+    with pytest.raises(ShardError, match="all 1 shards failed validation"):
+        ShardBatches([bad], micro_batch=4, vocab_size=VOCAB_SIZE, skip_bad_shards=True)
+
+
+def test_pretrain_skip_bad_shards_trains_on_the_rest(tmp_path, capsys):
+    from pld_helpers import REPO, torch_threads
+
+    from pld_ds import pretrain
+
+    data = make_shard_dir(tmp_path / "data", shard_sizes=(32, 32, 32), seq_len=SEQ)
+    corrupt = data / "train" / "train_00001.hdf5"
+    corrupt.write_bytes(corrupt.read_bytes()[:100])
+    common = ["--deepspeed_config", str(REPO / "ds_configs" / "tiny_cpu_pld.json"), "--data", str(data),
+              "--model", "tiny", "--log-interval", "1", "--max-steps", "2"]
+    with pytest.raises(ShardError, match="train_00001.hdf5"):
+        pretrain.run(pretrain.parse_args([*common, "--output", str(tmp_path / "strict")]))
+    with torch_threads(1):
+        scalars = pretrain.run(pretrain.parse_args([*common, "--output", str(tmp_path / "out"), "--skip-bad-shards"]))
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert "skipping bad shard 1 of 1 (3 in the folder)" in warnings[0] and str(corrupt) in warnings[0]
+    assert "2 shards, 4 steps/epoch" in out  # two shards of 32 left, micro batch 16
+    assert math.isfinite(scalars["train/loss"])
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "global_step2"
+
+
+def reference_masking(m, input_ids, input_mask, rng):
+    """DynamicMasking as first written (argsort ranks): the faster version must draw exactly the same."""
+    rows, seq_len = input_ids.shape
+    candidate = (input_mask != 0) & ~np.isin(input_ids, m.special_ids)
+    cap = m.max_predictions or max(1, round(seq_len * m.masked_lm_prob))
+    want = np.clip(np.rint(candidate.sum(1) * m.masked_lm_prob), 1, cap).astype(np.int64)
+    scores = np.where(candidate, rng.random((rows, seq_len)), np.inf)
+    rank = np.empty_like(input_ids, dtype=np.int64)
+    np.put_along_axis(rank, np.argsort(scores, axis=1), np.arange(seq_len)[None, :].repeat(rows, 0), axis=1)
+    target = candidate & (rank < want[:, None])
+    labels = np.where(target, input_ids, schema.IGNORE_INDEX).astype(np.int64)
+    action = rng.random((rows, seq_len))
+    masked = input_ids.astype(np.int64, copy=True)
+    masked[target & (action < 0.8)] = m.mask_id
+    randomise = target & (action >= 0.8) & (action < 0.9)
+    masked[randomise] = rng.integers(0, m.vocab_size, int(randomise.sum()))
+    return masked, labels
+
+
+@pytest.mark.parametrize("max_predictions", [None, 3, 500])
+def test_dynamic_masking_draws_as_before(max_predictions):
+    masking = DynamicMasking(mask_id=MASK, special_ids=(0, CLS, SEP, MASK), vocab_size=VOCAB_SIZE,
+                             max_predictions=max_predictions)
+    gen = np.random.default_rng(1)
+    for trial in range(100):
+        rows, seq = int(gen.integers(1, 40)), int(gen.integers(2, 80))
+        ids = gen.integers(0, VOCAB_SIZE, (rows, seq)).astype(np.int32)
+        mask = (np.arange(seq)[None] < gen.integers(0, seq + 1, rows)[:, None]).astype(np.int8)  # some rows empty
+        want = reference_masking(masking, ids, mask, np.random.default_rng(trial))
+        got = masking(ids, mask, np.random.default_rng(trial))
+        assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1])

@@ -27,14 +27,14 @@ class DynamicMasking:
                  ) -> tuple[np.ndarray, np.ndarray]:
         """(masked input ids, labels with IGNORE_INDEX where there is no target)."""
         rows, seq_len = input_ids.shape
-        candidate = (input_mask != 0) & ~np.isin(input_ids, self.special_ids)
+        candidate = (input_mask != 0) & ~np.isin(input_ids, self.special_ids, kind="table")
         cap = self.max_predictions or max(1, round(seq_len * self.masked_lm_prob))
         want = np.clip(np.rint(candidate.sum(1) * self.masked_lm_prob), 1, cap).astype(np.int64)
-        # Rank the candidates of each row in a random order and keep the first `want`.
+        # Rank the candidates of each row in a random order and keep the first `want`: the scores up to
+        # the want-th smallest (a row without candidates has only inf scores and keeps none).
         scores = np.where(candidate, rng.random((rows, seq_len)), np.inf)
-        rank = np.empty_like(input_ids, dtype=np.int64)
-        np.put_along_axis(rank, np.argsort(scores, axis=1), np.arange(seq_len)[None, :].repeat(rows, 0), axis=1)
-        target = candidate & (rank < want[:, None])
+        kth = np.take_along_axis(np.sort(scores, axis=1), np.minimum(want, seq_len)[:, None] - 1, axis=1)
+        target = candidate & (scores <= kth)
 
         labels = np.where(target, input_ids, IGNORE_INDEX).astype(np.int64)
         action = rng.random((rows, seq_len))
@@ -43,3 +43,4 @@ class DynamicMasking:
         randomise = target & (action >= 0.8) & (action < 0.9)
         masked[randomise] = rng.integers(0, self.vocab_size, int(randomise.sum()))
         return masked, labels
+

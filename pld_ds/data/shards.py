@@ -63,14 +63,19 @@ def inspect_shard(path: Path) -> ShardInfo:
     return ShardInfo(path, num, seq, max_pred, static)
 
 
-def read_shard(info: ShardInfo, vocab_size: int) -> dict[str, np.ndarray]:
-    fields = schema.ALL_FIELDS if info.static_masking else schema.BASE_FIELDS
-    try:
-        with h5py.File(info.path, "r") as f:
-            arrays = {field.name: f[field.name][:] for field in fields}
-    except OSError as err:
-        raise ShardError(f"{info.path}: cannot read shard data ({err})") from None
-    arrays[schema.NEXT_SENTENCE_LABELS.name] = arrays[schema.NEXT_SENTENCE_LABELS.name].reshape(-1)
+# Rows per sequential read: about this many bytes of input_ids, and never less than one chunk.
+SLAB_BYTES = 8 << 20
+
+
+def _slab_rows(datasets: dict[str, h5py.Dataset], num_samples: int) -> int:
+    ids = datasets[schema.INPUT_IDS.name]
+    row_bytes = max(1, ids.dtype.itemsize * int(np.prod(ids.shape[1:])))
+    chunk_rows = max((ds.chunks[0] for ds in datasets.values() if ds.chunks), default=1)
+    return max(1, min(num_samples, max(chunk_rows, SLAB_BYTES // row_bytes)))
+
+
+def check_rows(info: ShardInfo, arrays: dict[str, np.ndarray], vocab_size: int) -> None:
+    """Token ids inside the vocabulary, prediction positions inside the sequence; cheap min/max checks."""
     for name in (schema.INPUT_IDS.name, schema.MASKED_LM_IDS.name):
         if name in arrays and arrays[name].size and (arrays[name].min() < 0 or arrays[name].max() >= vocab_size):
             raise ShardError(f"{info.path}: {name} holds token ids outside [0, {vocab_size}) "
@@ -79,11 +84,67 @@ def read_shard(info: ShardInfo, vocab_size: int) -> dict[str, np.ndarray]:
     if positions is not None and positions.size and (positions.min() < 0 or positions.max() >= info.seq_len):
         raise ShardError(f"{info.path}: masked_lm_positions outside [0, {info.seq_len}) "
                          "(expected positions inside the sequence, 0 for unused slots)")
-    return arrays
+
+
+def read_rows(info: ShardInfo, rows: np.ndarray, vocab_size: int) -> dict[str, np.ndarray]:
+    """Samples ``rows`` of a shard, in the order given (indices may repeat).
+
+    HDF5 compresses chunks of many rows, so picking rows one by one decompresses a chunk per row
+    (hundreds of times slower than reading in order). Instead the shard is read in order, in slabs
+    of a few MB, skipping slabs that hold none of ``rows``; only ``rows`` are kept. Every slab read is
+    checked (``check_rows``) before use.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    fields = schema.ALL_FIELDS if info.static_masking else schema.BASE_FIELDS
+    nsp = schema.NEXT_SENTENCE_LABELS.name
+    try:
+        with h5py.File(info.path, "r") as f:
+            datasets = {field.name: f[field.name] for field in fields}
+            out = {name: np.empty((len(rows), *(ds.shape[1:] if name != nsp else ())), ds.dtype)
+                   for name, ds in datasets.items()}
+            step = _slab_rows(datasets, info.num_samples)
+            bounds = np.searchsorted(wanted, np.arange(0, info.num_samples + step, step))
+            for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+                if a == b:
+                    continue
+                lo = k * step
+                slab = {name: ds[lo:lo + step] for name, ds in datasets.items()}
+                slab[nsp] = slab[nsp].reshape(-1)
+                check_rows(info, slab, vocab_size)
+                for name, values in slab.items():
+                    out[name][order[a:b]] = values[wanted[a:b] - lo]
+    except OSError as err:
+        raise ShardError(f"{info.path}: cannot read shard data ({err})") from None
+    return out
+
+
+def read_shard(info: ShardInfo, vocab_size: int) -> dict[str, np.ndarray]:
+    """Every sample of a shard, in file order."""
+    return read_rows(info, np.arange(info.num_samples), vocab_size)
+
+
+def inspect_paths(paths: list[Path], skip_bad: bool = False) -> tuple[list[ShardInfo], list[ShardError]]:
+    """(infos of the good shards, errors of the bad ones); without ``skip_bad`` the first error is raised."""
+    infos, bad = [], []
+    for path in paths:
+        try:
+            infos.append(inspect_shard(path))
+        except ShardError as err:
+            if not skip_bad:
+                raise
+            bad.append(err)
+    if not infos:
+        raise ShardError(f"{paths[0].parent}: all {len(paths)} shards failed validation (first: {bad[0]})")
+    return infos, bad
 
 
 def inspect_all(paths: list[Path], seq_len: int | None = None) -> list[ShardInfo]:
-    infos = [inspect_shard(p) for p in paths]
+    return check_seq_len([inspect_shard(p) for p in paths], seq_len)
+
+
+def check_seq_len(infos: list[ShardInfo], seq_len: int | None = None) -> list[ShardInfo]:
     seq_len = seq_len or infos[0].seq_len
     for info in infos:
         if info.seq_len != seq_len:
