@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="auto|PATH",
                    help="auto: newest checkpoint under OUTPUT, if any; or a checkpoint folder")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--skip-bad-shards", action="store_true",
+                   help="leave out shards that fail validation at start, with a warning, instead of stopping")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each kept layer in backward")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
@@ -156,6 +158,13 @@ def log(rank: int, line: str) -> None:
         print(line, flush=True)
 
 
+def warn_skipped(rank: int, batches: ShardBatches, total: int) -> None:
+    if rank == 0:
+        for k, err in enumerate(batches.skipped, start=1):
+            print(f"pld-pretrain: warning: skipping bad shard {k} of {len(batches.skipped)} "
+                  f"({total} in the folder): {err}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> dict[str, float]:
     # Every input is checked before the model is built, so a typo costs a second, not a start-up.
     split_ds_config(args.deepspeed_config)
@@ -174,20 +183,25 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     engine = PLDEngine(BertForPreTraining(cfg), args.deepspeed_config, seed=args.seed, output_dir=output)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard_args = dict(micro_batch=engine.micro_batch_size, vocab_size=vocab_size, rank=rank, world_size=world,
-                      masking=masking)
+                      masking=masking, skip_bad_shards=args.skip_bad_shards)
     train = ShardBatches(train_paths, seed=args.seed, **shard_args)
+    warn_skipped(rank, train, len(train_paths))
     if train.seq_len > cfg.max_position_embeddings:
         raise ShardError(f"{train_paths[0]}: sequence length {train.seq_len} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}")
     valid = ShardBatches(eval_paths, seq_len=train.seq_len, **shard_args) if eval_paths else None
+    if valid is not None:
+        warn_skipped(rank, valid, len(eval_paths))
     if target is not None:
         resume_from(engine, args.resume, target, train)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         resolved = {"args": vars(args), "model": asdict(cfg), "pld": asdict(engine.pld), "deepspeed": engine.ds_config}
         (output / "run_config.json").write_text(json.dumps(resolved, indent=2, default=str))
-    log(rank, f"pld-pretrain: {args.model} ({sum(p.numel() for p in engine.module.parameters()) / 1e6:.1f}M params), "
-        f"{len(train_paths)} shards, {train.batches_per_epoch} steps/epoch, world {world}, PLD {engine.pld}")
+    # ZeRO-3 leaves partitioned parameters empty; ds_numel is their full size.
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    log(rank, f"pld-pretrain: {args.model} ({params / 1e6:.1f}M params), "
+        f"{len(train.infos)} shards, {train.batches_per_epoch} steps/epoch, world {world}, PLD {engine.pld}")
 
     def save() -> None:
         engine.save_checkpoint(checkpoints, {"data": train.state_dict(), "rng": rng_state()})
