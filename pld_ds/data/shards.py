@@ -120,11 +120,6 @@ def read_rows(info: ShardInfo, rows: np.ndarray, vocab_size: int) -> dict[str, n
     return out
 
 
-def read_shard(info: ShardInfo, vocab_size: int) -> dict[str, np.ndarray]:
-    """Every sample of a shard, in file order."""
-    return read_rows(info, np.arange(info.num_samples), vocab_size)
-
-
 def inspect_paths(paths: list[Path], skip_bad: bool = False) -> tuple[list[ShardInfo], list[ShardError]]:
     """(infos of the good shards, errors of the bad ones); without ``skip_bad`` the first error is raised."""
     infos, bad = [], []
