@@ -135,10 +135,6 @@ def inspect_paths(paths: list[Path], skip_bad: bool = False) -> tuple[list[Shard
     return infos, bad
 
 
-def inspect_all(paths: list[Path], seq_len: int | None = None) -> list[ShardInfo]:
-    return check_seq_len([inspect_shard(p) for p in paths], seq_len)
-
-
 def check_seq_len(infos: list[ShardInfo], seq_len: int | None = None) -> list[ShardInfo]:
     seq_len = seq_len or infos[0].seq_len
     for info in infos:
