@@ -43,6 +43,7 @@ from data_prep.sources import MIN_DOC_CHARS, CorpusReader, Source, resolve_input
 from data_prep.vocab import VOCAB_FILE, Vocab, WordPieceEncoder, load_vocab, train_vocab
 from data_prep.writer import (
     SPLITS,
+    atomic_path,
     atomic_write_text,
     read_manifest,
     read_spill_meta,
@@ -142,6 +143,12 @@ def run(cfg: PrepConfig, log: Callable[[str], None] = lambda _: None) -> Summary
         atomic_write_text(output / VOCAB_FILE, "".join(t + "\n" for t in tokens))
         log(f"trained a {len(tokens):,}-token vocabulary in {time.perf_counter() - started:.1f} s")
         vocab = load_vocab(output / VOCAB_FILE, cfg.lowercase, flag="--train-vocab")
+    else:
+        # The output folder is self-contained: training and fine-tuning find the vocabulary beside the shards.
+        copy = output / VOCAB_FILE
+        if vocab.path.resolve() != copy.resolve():
+            with atomic_path(copy) as tmp:
+                tmp.write_bytes(vocab.path.read_bytes())  # byte for byte: the manifest holds its hash
     data_key = _hash({"request": request_key, "vocab": vocab.sha256})
     spill_dir = output / SPILL_DIR / data_key[:16]
     _prepare_spill(output / SPILL_DIR, spill_dir)
@@ -219,10 +226,9 @@ def _completed_manifest(output: Path, request_key: str) -> dict | None:
     if manifest is None or manifest.get("request_key") != request_key:
         return None
     vocab = manifest.get("vocab", {})
-    if vocab.get("trained"):
-        path = output / VOCAB_FILE
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != vocab.get("sha256"):
-            return None
+    path = output / VOCAB_FILE
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != vocab.get("sha256"):
+        return None
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
             if not shard_is_complete(output / shard["file"], manifest["data_key"], shard["samples"]):
@@ -526,8 +532,9 @@ def _manifest(
         "validation_fraction": cfg.validation_fraction,
         "fields": {f.name: {"dtype": f.dtype.name, "dims": list(f.dims)} for f in fields},
         "vocab": {
-            "file": VOCAB_FILE if cfg.vocab is None else str(vocab.path),
+            "file": VOCAB_FILE,  # beside the manifest
             "trained": cfg.vocab is None,
+            "source": None if cfg.vocab is None else str(cfg.vocab),
             "size": vocab.size,
             "sha256": vocab.sha256,
             "lowercase": vocab.lowercase,

@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--skip-bad-shards", action="store_true",
                    help="leave out shards that fail validation at start, with a warning, instead of stopping")
+    p.add_argument("--data-workers", type=int, default=0,
+                   help="worker processes that prepare training batches (0: a background thread)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each kept layer in backward")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
@@ -57,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_steps", "log_interval"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("eval_interval", "eval_batches", "save_interval"):
+    for name in ("eval_interval", "eval_batches", "save_interval", "data_workers"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
@@ -184,7 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard_args = dict(micro_batch=engine.micro_batch_size, vocab_size=vocab_size, rank=rank, world_size=world,
                       masking=masking, skip_bad_shards=args.skip_bad_shards)
-    train = ShardBatches(train_paths, seed=args.seed, **shard_args)
+    train = ShardBatches(train_paths, seed=args.seed, workers=args.data_workers, **shard_args)
     warn_skipped(rank, train, len(train_paths))
     if train.seq_len > cfg.max_position_embeddings:
         raise ShardError(f"{train_paths[0]}: sequence length {train.seq_len} exceeds the model's "

@@ -594,6 +594,23 @@ def test_train_vocab_writes_vocab_and_shards(corpus: Path, tmp_path: Path) -> No
     assert read_split(out, "train")["input_ids"].max() < len(tokens)
 
 
+def test_given_vocab_is_copied_beside_the_shards_for_training(corpus: Path, vocab: Path, tmp_path: Path) -> None:
+    """A --vocab from elsewhere is copied byte for byte into the output: the training reader finds the [MASK]
+    id there for dynamic-masking shards, from any working directory, and a re-run is still complete."""
+    from pld_ds.pretrain import data_vocabulary
+
+    crlf = tmp_path / "crlf_vocab.txt"
+    crlf.write_bytes(vocab.read_bytes().replace(b"\n", b"\r\n"))
+    out = tmp_path / "out"
+    prep([corpus], out, crlf, dynamic_masking=True)
+    assert (out / "vocab.txt").read_bytes() == crlf.read_bytes()
+    manifest = json.loads((out / schema.MANIFEST_NAME).read_text())
+    assert manifest["vocab"]["file"] == "vocab.txt" and manifest["vocab"]["source"] == str(crlf)
+    size, masking = data_vocabulary(str(out), None)
+    assert size == manifest["vocab"]["size"] and masking is not None and masking.mask_id == SPECIALS.index("[MASK]")
+    assert prep([corpus], out, crlf, dynamic_masking=True).already_complete
+
+
 def test_output_inside_input_folder_is_not_read(corpus: Path, vocab: Path) -> None:
     out = corpus / "shards"
     prep([corpus], out, vocab)

@@ -650,21 +650,32 @@ def test_pretrain_skip_bad_shards_trains_on_the_rest(tmp_path, capsys):
 
 
 def reference_masking(m, input_ids, input_mask, rng):
-    """DynamicMasking as first written (argsort ranks): the faster version must draw exactly the same."""
+    """DynamicMasking's draw written plainly, row by row: the vectorised version must draw exactly the same.
+    Random keys (high bits of the generator's raw 32-bit words, the position below them) order each row's
+    candidates; the `want` first are targets; then one uniform per target, row by row in key order."""
     rows, seq_len = input_ids.shape
-    candidate = (input_mask != 0) & ~np.isin(input_ids, m.special_ids)
-    cap = m.max_predictions or max(1, round(seq_len * m.masked_lm_prob))
-    want = np.clip(np.rint(candidate.sum(1) * m.masked_lm_prob), 1, cap).astype(np.int64)
-    scores = np.where(candidate, rng.random((rows, seq_len)), np.inf)
-    rank = np.empty_like(input_ids, dtype=np.int64)
-    np.put_along_axis(rank, np.argsort(scores, axis=1), np.arange(seq_len)[None, :].repeat(rows, 0), axis=1)
-    target = candidate & (rank < want[:, None])
-    labels = np.where(target, input_ids, schema.IGNORE_INDEX).astype(np.int64)
-    action = rng.random((rows, seq_len))
+    special = set(m.special_ids)
+    cap = min(seq_len, m.max_predictions or max(1, round(seq_len * m.masked_lm_prob)))
+    pos_bits = max(1, (seq_len - 1).bit_length())
+    words = rng.bit_generator.random_raw(-(-rows * seq_len // 2)).view(np.uint32)
+    targets = []
+    for r in range(rows):
+        cand = [c for c in range(seq_len) if input_mask[r, c] != 0 and int(input_ids[r, c]) not in special]
+        want = min(cap, max(1, round(len(cand) * m.masked_lm_prob)))
+        key = {c: ((int(words[r * seq_len + c]) >> (pos_bits + 1)) << pos_bits) | c for c in cand}
+        targets += [(r, c) for c in sorted(cand, key=key.get)[:want]]
+    labels = np.full((rows, seq_len), schema.IGNORE_INDEX, dtype=np.int64)
     masked = input_ids.astype(np.int64, copy=True)
-    masked[target & (action < 0.8)] = m.mask_id
-    randomise = target & (action >= 0.8) & (action < 0.9)
-    masked[randomise] = rng.integers(0, m.vocab_size, int(randomise.sum()))
+    action = rng.random(len(targets))
+    randomised = []
+    for (r, c), a in zip(targets, action, strict=True):
+        labels[r, c] = input_ids[r, c]
+        if a < 0.8:
+            masked[r, c] = m.mask_id
+        elif a < 0.9:
+            randomised.append((r, c))
+    for (r, c), token in zip(randomised, rng.integers(0, m.vocab_size, len(randomised)), strict=True):
+        masked[r, c] = token
     return masked, labels
 
 
@@ -680,3 +691,144 @@ def test_dynamic_masking_draws_as_before(max_predictions):
         want = reference_masking(masking, ids, mask, np.random.default_rng(trial))
         got = masking(ids, mask, np.random.default_rng(trial))
         assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1])
+
+
+# -- shuffle windows (shards larger than memory), worker processes --------------------------------
+
+
+def write_chunked_shard(path, arrays, chunk_rows):
+    """A shard with HDF5 chunks of `chunk_rows` rows, so read slabs (and shuffle blocks) are that small."""
+    with h5py.File(path, "w") as f:
+        for field in schema.ALL_FIELDS:
+            data = arrays[field.name].astype(field.dtype)
+            f.create_dataset(field.name, data=data, compression=schema.COMPRESSION,
+                             chunks=(chunk_rows, *data.shape[1:]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def windowed_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("windowed")
+    rng = np.random.default_rng(11)
+    return [write_chunked_shard(root / f"train_{i}.hdf5", make_samples(n, SEQ, 5, rng), 4)
+            for i, n in enumerate((45, 30, 22))]
+
+
+@pytest.fixture
+def small_windows(monkeypatch):
+    """Slabs of 4 rows (one chunk), windows of 3 slabs: shards of 45 and 30 rows have 4 and 3 windows."""
+    from pld_ds.data import loader as loader_module
+
+    monkeypatch.setattr(shards, "SLAB_BYTES", 1)
+    monkeypatch.setattr(loader_module, "SHUFFLE_WINDOW_BYTES", 3 * 4 * 4 * SEQ)
+    return 12
+
+
+def windowed_reference(paths, micro, rank, world, seed, n):
+    """The documented order written out: blocks of 4 rows in an order by (seed, epoch, shard), grouped 3 to a
+    window, each window's rows shuffled by (seed, epoch, shard, window); a shard of one window is permuted whole."""
+    data = [read_all(p) for p in paths]
+    sizes = [len(d["input_ids"]) for d in data]
+    per_epoch = sum(sizes) // (micro * world)
+    out = []
+    for b in range(n):
+        epoch, batch = divmod(b, per_epoch)
+        stream = []
+        for i in np.random.default_rng([seed, epoch]).permutation(len(paths)):
+            i, blocks = int(i), -(-sizes[int(i)] // 4)
+            if blocks <= 3:
+                stream += [(i, int(r)) for r in np.random.default_rng([seed, epoch, i]).permutation(sizes[i])]
+                continue
+            order = np.random.default_rng([seed, epoch, i]).permutation(blocks)
+            for j, start in enumerate(range(0, blocks, 3)):
+                blk = order[start:start + 3]
+                rows = np.array([r for b in blk for r in range(4 * b, min(4 * b + 4, sizes[i]))])
+                stream += [(i, int(r)) for r in rows[np.random.default_rng([seed, epoch, i, j]).permutation(len(rows))]]
+        first = batch * micro * world + rank * micro
+        out.append(np.stack([data[i]["input_ids"][r] for i, r in stream[first:first + micro]]).astype(np.int64))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_windowed_order_equals_the_documented_order(windowed_paths, small_windows, world):
+    for rank in range(world):
+        loader = ShardBatches(windowed_paths, micro_batch=4, vocab_size=VOCAB_SIZE, rank=rank, world_size=world,
+                              seed=2)
+        n = loader.batches_per_epoch + 4
+        expected = windowed_reference(windowed_paths, 4, rank, world, 2, n)
+        assert all(np.array_equal(b["input_ids"].numpy(), e) for b, e in zip(take(loader, n), expected, strict=True))
+
+
+def test_windowed_reads_never_hold_a_whole_shard(windowed_paths, small_windows, monkeypatch):
+    """Each read is one window (at most 12 rows here), and the reader keeps at most two windows."""
+    from pld_ds.data import loader as loader_module
+
+    sizes, held = [], []
+    original_read, original_batch = shards.read_rows, loader_module._Reader.batch
+
+    def counting_read(info, rows, vocab_size):
+        sizes.append(len(rows))
+        return original_read(info, rows, vocab_size)
+
+    def watching_batch(self, epoch, batch):
+        out = original_batch(self, epoch, batch)
+        held.append(sum(len(rows.stream) for rows in self.cache.values()))
+        return out
+
+    monkeypatch.setattr(shards, "read_rows", counting_read)
+    monkeypatch.setattr(loader_module._Reader, "batch", watching_batch)
+    loader = ShardBatches(windowed_paths, micro_batch=3, vocab_size=VOCAB_SIZE, prefetch=0)
+    take(loader, 2 * loader.batches_per_epoch)
+    assert max(sizes) <= small_windows < 45 and len(sizes) >= 2 * (4 + 3 + 1)
+    assert max(held) <= 2 * small_windows
+
+
+@pytest.mark.parametrize("k", [0, 7, 31, 32, 40])
+def test_windowed_resume_equals_uninterrupted(windowed_paths, small_windows, k):
+    total = 45
+    reference = take(ShardBatches(windowed_paths, micro_batch=3, vocab_size=VOCAB_SIZE, seed=4), total)
+    first = ShardBatches(windowed_paths, micro_batch=3, vocab_size=VOCAB_SIZE, seed=4)
+    head = take(first, k)
+    resumed = ShardBatches(windowed_paths, micro_batch=3, vocab_size=VOCAB_SIZE, seed=4)
+    resumed.load_state_dict(first.state_dict())
+    got = head + take(resumed, total - k)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(reference, got, strict=True))
+
+
+@pytest.mark.slow
+def test_workers_give_the_same_batches_and_read_disjoint_rows(paths, tmp_path):
+    """Two DataLoader worker processes: the same batches in the same order as one process (across an epoch
+    boundary, from a resumed position too), each worker reading only its own batches' rows."""
+    per_epoch = ShardBatches(paths, micro_batch=5, vocab_size=VOCAB_SIZE).batches_per_epoch
+    total = per_epoch + 5
+    reference = take(ShardBatches(paths, micro_batch=5, vocab_size=VOCAB_SIZE, seed=9, prefetch=0), total)
+    with_workers = ShardBatches(paths, micro_batch=5, vocab_size=VOCAB_SIZE, seed=9, workers=2)
+    got = take(with_workers, 7)
+    resumed = ShardBatches(paths, micro_batch=5, vocab_size=VOCAB_SIZE, seed=9, workers=2)
+    resumed.load_state_dict(with_workers.state_dict())
+    got += take(resumed, total - 7)
+    for a, b in zip(reference, got, strict=True):
+        for name in a:
+            assert torch.equal(a[name], b[name])
+    evaluation = list(ShardBatches(paths, micro_batch=5, vocab_size=VOCAB_SIZE, seed=9, workers=2).one_pass())
+    assert len(evaluation) == per_epoch
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(reference, evaluation, strict=False))
+
+    from pld_ds.data.loader import _Reader
+
+    loader = ShardBatches(paths, micro_batch=5, vocab_size=VOCAB_SIZE, seed=9)
+    readers = [_Reader(loader, w, 2, start=(0, 3)) for w in range(2)]
+    rows = [[key for b in range(3 + w, per_epoch, 2) for key in keys(readers[w].batch(0, b))] for w in range(2)]
+    held = [sum(len(r.stream) for r in reader.cache.values()) for reader in readers]
+    assert not set(rows[0]) & set(rows[1])
+    assert held[0] < 5 * per_epoch and held[1] < 5 * per_epoch
+
+
+def test_a_worker_error_is_the_original_one_line_error(tmp_path):
+    arrays = make_samples(40, SEQ, 5, np.random.default_rng(0))
+    arrays["input_ids"][30, 3] = VOCAB_SIZE + 7
+    path = write_shard(tmp_path / "bad.hdf5", arrays)
+    loader = ShardBatches([path], micro_batch=5, vocab_size=VOCAB_SIZE, workers=2)
+    with pytest.raises(ShardError) as err:
+        take(loader, 8)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)

@@ -1,19 +1,23 @@
 """Per-rank batches from a folder of shards, with an exact, resumable position.
 
 One epoch is a stream of samples: shards in an order shuffled by (seed, epoch), the samples of each
-shard shuffled by (seed, epoch, shard). Each optimizer micro-step takes the next world_size x
-micro_batch samples of the stream and rank r keeps slice r, so every rank runs the same number of
-steps, no sample is seen twice in an epoch, and the position is one integer (plus the epoch).
+shard shuffled by (seed, epoch, shard), in windows of at most SHUFFLE_WINDOW_BYTES when the shard
+is larger. Each optimizer micro-step takes the next world_size x micro_batch samples of the stream
+and rank r keeps slice r, so every rank runs the same number of steps, no sample is seen twice in an
+epoch, and the position is one integer (plus the epoch).
 
-Memory: a rank reads, from each shard it reaches, only the rows it will use from that shard this
-epoch (about 1/world_size of them), with sequential reads (shards.read_rows), and holds at most
-two shards' worth of them. A background thread prepares the next ``prefetch`` batches while the
-caller trains; the position (state_dict) is always that of the last batch handed to the caller.
+Memory: a rank reads one shuffle window at a time, with sequential reads (shards.read_rows), keeps
+only the rows it will use (about 1/world_size of them) and holds at most two windows' worth: a
+shard need not fit in memory. A background thread prepares the next ``prefetch`` batches while the
+caller trains, or ``workers`` DataLoader processes build alternate batches, each reading only the
+rows of its own batches. The position (state_dict) is always that of the last batch handed to the
+caller.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -29,8 +33,39 @@ Position = tuple[int, int]  # (epoch, batch in epoch)
 Batch = dict[str, torch.Tensor]
 
 
+# A shard is shuffled in windows of whole read slabs holding about this many bytes of input_ids:
+# memory is bounded by the window, not the shard. A shard that fits in one window is shuffled whole.
+SHUFFLE_WINDOW_BYTES = 32 << 20
+
+
+class _ShardLayout:
+    """The order of one shard's samples in one epoch, in windows that are read one at a time.
+
+    The shard's rows are cut into blocks of `slab` rows (the slabs read_rows reads); the blocks are
+    put in a random order by (seed, epoch, shard) and grouped into windows of `per_window` blocks;
+    the rows of window j are shuffled by (seed, epoch, shard, j). With a single window this is one
+    permutation of the shard by (seed, epoch, shard).
+    """
+
+    def __init__(self, num_samples: int, slab: int, per_window: int, key: tuple[int, int, int]) -> None:
+        self.num_samples, self.slab, self.key = num_samples, slab, key
+        blocks = -(-num_samples // slab)
+        self.single = blocks <= per_window
+        order = np.arange(blocks) if self.single else np.random.default_rng(list(key)).permutation(blocks)
+        self.windows = [order[i:i + per_window] for i in range(0, blocks, per_window)]
+        sizes = [sum(min(slab, num_samples - b * slab) for b in window) for window in self.windows]
+        self.offsets = np.cumsum([0, *sizes])  # first sample of each window in the shard's stream
+
+    def rows(self, j: int) -> np.ndarray:
+        if self.single:
+            return np.random.default_rng(list(self.key)).permutation(self.num_samples)
+        rows = np.concatenate([np.arange(b * self.slab, min((b + 1) * self.slab, self.num_samples))
+                               for b in self.windows[j]])
+        return rows[np.random.default_rng([*self.key, j]).permutation(len(rows))]
+
+
 class _RankRows:
-    """The rows of one shard that one rank uses in one epoch, in stream order."""
+    """The rows of one window that one reader uses, with their stream positions, in stream order."""
 
     def __init__(self, stream: np.ndarray, data: dict[str, np.ndarray]) -> None:
         self.stream, self.data = stream, data
@@ -41,25 +76,52 @@ class _RankRows:
 
 
 class _Reader:
-    """Builds batches for one iteration; owns its cache, so iterations (and threads) share nothing."""
+    """Builds batches for one iteration; owns its cache, so iterations (threads, workers) share nothing.
 
-    def __init__(self, loader: ShardBatches) -> None:
-        self.loader = loader
+    Reader `worker` of `workers` builds every workers-th batch from position `start` on (worker 0
+    the first), and reads only their rows."""
+
+    def __init__(self, loader: ShardBatches, worker: int = 0, workers: int = 1, start: Position = (0, 0)) -> None:
+        self.loader, self.worker, self.workers = loader, worker, workers
+        self.first = start[0] * loader.batches_per_epoch + start[1]  # running index of the start position
         self.orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.cache: dict[tuple[int, int], _RankRows] = {}
+        self.layouts: dict[tuple[int, int], _ShardLayout] = {}
+        self.cache: dict[tuple[int, int, int], _RankRows] = {}
 
     def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if epoch not in self.orders:
             self.orders = {epoch: self.loader._epoch_order(epoch)}
+            self.layouts = {}
         return self.orders[epoch]
 
-    def rank_rows(self, epoch: int, pos: int) -> _RankRows:
-        key = (epoch, pos)
+    def layout(self, epoch: int, pos: int) -> _ShardLayout:
+        if (epoch, pos) not in self.layouts:
+            index = int(self.order(epoch)[0][pos])
+            self.layouts[epoch, pos] = self.loader._shard_layout(epoch, index)
+        return self.layouts[epoch, pos]
+
+    def window_rows(self, epoch: int, pos: int, j: int) -> _RankRows:
+        key = (epoch, pos, j)
         if key not in self.cache:
-            if len(self.cache) >= 2:  # a batch spans two shards unless they are tiny
+            if len(self.cache) >= 2:  # a batch spans two windows unless they are tiny
                 self.cache.pop(next(iter(self.cache)))
-            self.cache[key] = self.loader._read_rank_rows(epoch, pos, self.order(epoch))
+            self.cache[key] = self.read_window(epoch, pos, j)
         return self.cache[key]
+
+    def read_window(self, epoch: int, pos: int, j: int) -> _RankRows:
+        """The rows of window j of the pos-th shard of the epoch that land in this reader's batches."""
+        ld = self.loader
+        shard_order, starts = self.order(epoch)
+        layout = self.layout(epoch, pos)
+        lo = int(starts[pos] + layout.offsets[j])
+        hi = min(int(starts[pos] + layout.offsets[j + 1]), ld.batches_per_epoch * ld.global_batch)
+        stream = np.arange(lo, max(lo, hi))
+        mine = (stream % ld.global_batch) // ld.micro_batch == ld.rank
+        if self.workers > 1:
+            running = epoch * ld.batches_per_epoch + stream // ld.global_batch
+            mine &= (running - self.first) % self.workers == self.worker
+        rows = layout.rows(j)[: len(stream)][mine]
+        return _RankRows(stream[mine], shards.read_rows(ld.infos[int(shard_order[pos])], rows, ld.vocab_size))
 
     def batch(self, epoch: int, batch: int) -> Batch:
         ld = self.loader
@@ -73,7 +135,11 @@ class _Reader:
         parts = []
         for pos in range(int(np.searchsorted(starts, first, side="right")) - 1,
                          int(np.searchsorted(starts, last - 1, side="right"))):
-            parts.append(self.rank_rows(epoch, pos).take(first, last))
+            offsets = self.layout(epoch, pos).offsets
+            lo, hi = max(first, starts[pos]) - starts[pos], min(last, starts[pos + 1]) - starts[pos]
+            for j in range(int(np.searchsorted(offsets, lo, side="right")) - 1,
+                           int(np.searchsorted(offsets, hi - 1, side="right"))):
+                parts.append(self.window_rows(epoch, pos, j).take(first, last))
         # Dynamic masking draws from (seed, epoch, batch, rank): a resumed run masks identically.
         return ld._collate(parts, lambda: np.random.default_rng([ld.seed, epoch, batch, ld.rank]))
 
@@ -146,9 +212,12 @@ class ShardBatches:
         masking: DynamicMasking | None = None,
         prefetch: int = 2,
         skip_bad_shards: bool = False,
+        workers: int = 0,
     ) -> None:
-        """``prefetch``: batches prepared ahead on a background thread (0: none). ``skip_bad_shards``: leave
-        out shards that fail inspection (listed in ``skipped``) instead of raising the first error."""
+        """``prefetch``: batches prepared ahead on a background thread (0: none), or per worker.
+        ``workers``: worker processes (torch DataLoader workers) that build every workers-th batch each,
+        reading only those batches' rows (0: build them in this process). ``skip_bad_shards``: leave out
+        shards that fail inspection (listed in ``skipped``) instead of raising the first error."""
         infos, self.skipped = shards.inspect_paths(paths, skip_bad_shards)
         self.infos = shards.check_seq_len(infos, seq_len)
         unmasked = next((info for info in self.infos if not info.static_masking), None)
@@ -159,7 +228,7 @@ class ShardBatches:
         self.seq_len = self.infos[0].seq_len
         self.vocab_size = vocab_size
         self.micro_batch, self.rank, self.world_size, self.seed = micro_batch, rank, world_size, seed
-        self.prefetch = prefetch
+        self.prefetch, self.workers = prefetch, workers
         counts = np.array([info.num_samples for info in self.infos])
         self.global_batch = micro_batch * world_size
         self.batches_per_epoch = int(counts.sum()) // self.global_batch
@@ -167,6 +236,7 @@ class ShardBatches:
             raise shards.ShardError(f"{paths[0].parent}: {counts.sum()} samples, fewer than one global batch "
                                     f"of {self.global_batch} (micro batch {micro_batch} x {world_size} ranks)")
         self.epoch, self.batch_in_epoch = 0, 0
+        self._slab_rows: dict[int, int] = {}  # per shard index, filled as shards are reached
 
     # -- position -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
@@ -190,16 +260,14 @@ class ShardBatches:
         starts = np.cumsum([0] + [self.infos[i].num_samples for i in shard_order])
         return shard_order, starts
 
-    def _read_rank_rows(self, epoch: int, pos: int, order: tuple[np.ndarray, np.ndarray]) -> _RankRows:
-        """The rows of the pos-th shard of the epoch that land in this rank's slices of full global batches."""
-        shard_order, starts = order
-        index = int(shard_order[pos])
-        lo, hi = int(starts[pos]), min(int(starts[pos + 1]), self.batches_per_epoch * self.global_batch)
-        stream = np.arange(lo, max(lo, hi))
-        stream = stream[(stream % self.global_batch) // self.micro_batch == self.rank]
-        # The samples of each shard are shuffled by (seed, epoch, shard).
-        rows = np.random.default_rng([self.seed, epoch, index]).permutation(self.infos[index].num_samples)
-        return _RankRows(stream, shards.read_rows(self.infos[index], rows[stream - lo], self.vocab_size))
+    def _shard_layout(self, epoch: int, index: int) -> _ShardLayout:
+        info = self.infos[index]
+        if index not in self._slab_rows:
+            self._slab_rows[index] = shards.slab_rows(info)
+        slab = self._slab_rows[index]
+        row_bytes = 4 * info.seq_len  # input_ids as int32, as NVIDIA writes them
+        per_window = max(1, SHUFFLE_WINDOW_BYTES // (slab * row_bytes))
+        return _ShardLayout(info.num_samples, slab, per_window, (self.seed, epoch, index))
 
     def _collate(self, parts: list[dict[str, np.ndarray]], rng: Callable[[], np.random.Generator]) -> Batch:
         cat = {k: np.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
@@ -221,7 +289,22 @@ class ShardBatches:
         }
 
     # -- iteration ------------------------------------------------------------------------------
-    def _stream(self, positions: Iterable[Position]) -> Iterator[tuple[Position, Batch]]:
+    def _positions_from(self, epoch: int, batch: int, count: int | None = None) -> Iterator[Position]:
+        """Positions in order from (epoch, batch), ``count`` of them or endlessly."""
+        def endless() -> Iterator[Position]:
+            e, b = epoch, batch
+            while True:
+                while b < self.batches_per_epoch:
+                    yield e, b
+                    b += 1
+                e, b = e + 1, 0
+        return itertools.islice(endless(), count)
+
+    def _stream(self, start: Position, count: int | None = None) -> Iterator[tuple[Position, Batch]]:
+        positions = self._positions_from(*start, count)
+        if self.workers > 0:
+            yield from self._worker_stream(positions, start, count)
+            return
         reader = _Reader(self)
         if self.prefetch <= 0:
             for position in positions:
@@ -233,17 +316,25 @@ class ShardBatches:
         finally:
             ahead.close()
 
-    def _positions_from(self, epoch: int, batch: int) -> Iterator[Position]:
-        while True:
-            while batch < self.batches_per_epoch:
-                yield epoch, batch
-                batch += 1
-            epoch, batch = epoch + 1, 0
+    def _worker_stream(self, positions: Iterator[Position], start: Position, count: int | None
+                       ) -> Iterator[tuple[Position, Batch]]:
+        # torch's DataLoader hands out an iterable dataset's items worker by worker, round robin, in
+        # order: worker w builds batches w, w + W, ..., so the stream comes back in position order.
+        batches = torch.utils.data.DataLoader(_WorkerBatches(self, start, count), batch_size=None,
+                                              num_workers=self.workers, prefetch_factor=max(1, self.prefetch))
+        it = iter(batches)
+        try:
+            for position, item in zip(positions, it, strict=True):
+                if isinstance(item, _WorkerError):
+                    raise item.error
+                yield position, item
+        finally:
+            del it  # shuts the worker processes down
 
     def __iter__(self) -> Iterator[Batch]:
         """Endless: continues from the current position, epoch after epoch."""
         while True:
-            stream = self._stream(self._positions_from(self.epoch, self.batch_in_epoch))
+            stream = self._stream((self.epoch, self.batch_in_epoch))
             try:
                 for (epoch, batch), data in stream:
                     self.epoch, self.batch_in_epoch = epoch, batch + 1
@@ -255,9 +346,34 @@ class ShardBatches:
 
     def one_pass(self) -> Iterator[Batch]:
         """Every full global batch of epoch 0 once, in order (for evaluation); leaves the position alone."""
-        stream = self._stream((0, batch) for batch in range(self.batches_per_epoch))
+        stream = self._stream((0, 0), self.batches_per_epoch)
         try:
             for _, data in stream:
                 yield data
         finally:
             stream.close()
+
+
+class _WorkerError:
+    """An error raised in a worker, carried to the caller as an item (DataLoader would rewrap it with
+    the worker's traceback in its message)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _WorkerBatches(torch.utils.data.IterableDataset):
+    def __init__(self, loader: ShardBatches, start: Position, count: int | None) -> None:
+        self.loader, self.start, self.count = loader, start, count
+
+    def __iter__(self) -> Iterator[Batch | _WorkerError]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader = _Reader(self.loader, worker, workers, self.start)
+        positions = self.loader._positions_from(*self.start, self.count)
+        for position in itertools.islice(positions, worker, None, workers):
+            try:
+                yield reader.batch(*position)
+            except Exception as err:  # noqa: BLE001 - handed to the caller, raised there at this position
+                yield _WorkerError(err)
+                return

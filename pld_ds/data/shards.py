@@ -74,6 +74,16 @@ def _slab_rows(datasets: dict[str, h5py.Dataset], num_samples: int) -> int:
     return max(1, min(num_samples, max(chunk_rows, SLAB_BYTES // row_bytes)))
 
 
+def slab_rows(info: ShardInfo) -> int:
+    """Rows per sequential read of this shard (read_rows reads slabs [k * slab, (k + 1) * slab))."""
+    fields = schema.ALL_FIELDS if info.static_masking else schema.BASE_FIELDS
+    try:
+        with h5py.File(info.path, "r") as f:
+            return _slab_rows({field.name: f[field.name] for field in fields}, info.num_samples)
+    except OSError as err:
+        raise ShardError(f"{info.path}: not a readable HDF5 shard ({err})") from None
+
+
 def check_rows(info: ShardInfo, arrays: dict[str, np.ndarray], vocab_size: int) -> None:
     """Token ids inside the vocabulary, prediction positions inside the sequence; cheap min/max checks."""
     for name in (schema.INPUT_IDS.name, schema.MASKED_LM_IDS.name):
