@@ -359,6 +359,15 @@ def _is_validation(i: int, numerator: int, denominator: int) -> bool:
     return ((i + 1) * numerator + offset) // denominator > (i * numerator + offset) // denominator
 
 
+def _progress(started: float, fraction: float) -> str:
+    """'42%, ETA 0:01:05': the rest at the rate so far."""
+    fraction = min(max(fraction, 0.0), 0.99)  # compressed inputs count decompressed bytes
+    if fraction == 0.0:
+        return "0%"
+    left = round((time.perf_counter() - started) * (1 - fraction) / fraction)
+    return f"{fraction:.0%}, ETA {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
+
+
 def _process_batches(
     reader: CorpusReader,
     cfg: PrepConfig,
@@ -375,7 +384,8 @@ def _process_batches(
     buffers: dict[str, list[str]] = {s: [] for s in SPLITS}
     sizes = dict.fromkeys(SPLITS, 0)
     next_batch = 0
-    last_report = time.perf_counter()
+    started = last_report = time.perf_counter()
+    total_bytes = sum(path.stat().st_size for source in reader.sources for path, _ in source.files)
 
     def collect(block: bool) -> None:
         while pending and (block or len(pending) >= 2 * workers.size):
@@ -397,7 +407,9 @@ def _process_batches(
         if time.perf_counter() - last_report > _PROGRESS_SECONDS:
             last_report = time.perf_counter()
             docs = sum(s.documents for s in reader.stats)
-            log(f"{docs:,} documents read, {len(results):,} of {next_batch:,} batches done")
+            read = sum(s.bytes for s in reader.stats) / max(total_bytes, 1)
+            log(f"{docs:,} documents read, {len(results):,} of {next_batch:,} batches done; "
+                f"input {_progress(started, read)}")
 
     for i, document in enumerate(reader):
         split = "validation" if numerator and _is_validation(i, numerator, denominator) else "train"
@@ -472,11 +484,11 @@ def _write_shards(
             tasks.append((folder / name, spill_dir, batch_ids, offsets, rows, seq, cfg.dynamic_masking, data_key))
         summary.instances[split] = total
         summary.shards[split] = count
-    last_report = time.perf_counter()
+    started = last_report = time.perf_counter()
     for done, _ in enumerate(workers.map_unordered(_write_shard_task, tasks), start=1):
         if time.perf_counter() - last_report > _PROGRESS_SECONDS:
             last_report = time.perf_counter()
-            log(f"{done} of {len(tasks)} shards written")
+            log(f"{done} of {len(tasks)} shards written; {_progress(started, done / len(tasks))}")
     return shards
 
 

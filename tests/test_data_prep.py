@@ -711,3 +711,11 @@ def test_real_wiki_and_book(tmp_path: Path) -> None:
     tokens, lengths = encoder.encode(sentences)
     hf = BertWordPieceTokenizer(str(bert_vocab), lowercase=True)
     assert tokens.tolist() == [i for r in hf.encode_batch(sentences, add_special_tokens=False) for i in r.ids]
+
+
+def test_progress_line_estimates_the_rest_at_the_rate_so_far(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: 100.0)
+    assert pipeline._progress(40.0, 0.25) == "25%, ETA 0:03:00"  # 60 s for a quarter: 180 s left
+    assert pipeline._progress(100.0 - 3725, 0.5) == "50%, ETA 1:02:05"
+    assert pipeline._progress(90.0, 0.0) == "0%"
+    assert pipeline._progress(90.0, 1.7).startswith("99%")  # decompressed bytes can pass the file sizes
