@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,22 @@ class ConfigError(UserError):
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float; true/false are not numbers here."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond the float range: no use as a rate or probability
+        return False
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxlong = _SHORT_REPR.maxother = 40
+
+
+def _show(value: Any) -> str:
+    """repr() cut to a readable length: a 4000-digit number or a long string must not flood the error line."""
+    return _SHORT_REPR.repr(value)
 
 
 @dataclass(frozen=True)
@@ -49,11 +65,11 @@ class PLDConfig:
         theta = block.get("theta", cls.theta)
         gamma = block.get("gamma", cls.gamma)
         if not isinstance(enabled, bool):
-            problems.append(f"{where}.enabled: expected true or false, got {enabled!r}")
+            problems.append(f"{where}.enabled: expected true or false, got {_show(enabled)}")
         if not _is_number(theta) or not 0.0 < theta <= 1.0:
-            problems.append(f"{where}.theta: expected a number in (0, 1], got {theta!r}")
+            problems.append(f"{where}.theta: expected a number in (0, 1], got {_show(theta)}")
         if not _is_number(gamma) or gamma < 0.0:
-            problems.append(f"{where}.gamma: expected a number >= 0, got {gamma!r}")
+            problems.append(f"{where}.gamma: expected a number >= 0, got {_show(gamma)}")
         if problems:
             raise ConfigError("; ".join(problems))
         return cls(enabled=enabled, theta=float(theta), gamma=float(gamma))
@@ -65,12 +81,20 @@ def read_json(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such {what}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read {what}: {err}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: cannot read {what}: is a directory (expected a JSON file)") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: cannot read {what}: byte {err.start} is not UTF-8 (expected JSON text)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read {what}: {err.strerror or err}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid JSON: nested too deeply") from None
+    except ValueError as err:  # Python's limit on the digits of an integer
+        raise ConfigError(f"{path}: invalid JSON: {str(err).split(';')[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     return data
@@ -82,8 +106,9 @@ def split_ds_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any]
         source, ds_config = "DeepSpeed config", dict(config)
     else:
         source, ds_config = str(config), read_json(config, "DeepSpeed config")
-    block = ds_config.pop(PLD_KEY, None)
-    pld = PLDConfig() if block is None else PLDConfig.from_dict(block, source)
+    # Only a missing block means "PLD off": "progressive_layer_drop": null is an error like any non-object.
+    pld = PLDConfig.from_dict(ds_config.pop(PLD_KEY), source) if PLD_KEY in ds_config else PLDConfig()
+    ds_config.pop("earlybert", None)  # ours too: pld_ds.earlybert.EarlyBertConfig.from_ds_config reads it
     return ds_config, pld, source
 
 
@@ -115,10 +140,29 @@ def model_config(name_or_file: str, **overrides: Any) -> BertConfig:
         raise ConfigError(f"{source}: unknown key {unknown[0]} "
                           f"(expected BertConfig fields: {', '.join(sorted(known))})")
     fields.update({k: v for k, v in overrides.items() if v is not None})
+    _check_field_types(fields, source)
     try:
         return BertConfig(**fields)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{source}: {err}") from None
+
+
+def _check_field_types(fields: dict[str, Any], source: str) -> None:
+    """JSON values against BertConfig's field types (true is not an integer, "0.1" is not a number);
+    BertConfig itself checks the ranges."""
+    defaults = {f.name: f.default for f in dataclasses.fields(BertConfig)}
+    for key, value in fields.items():
+        kind = type(defaults.get(key))
+        if kind is bool:
+            ok, expected = isinstance(value, bool), "true or false"
+        elif kind is int:
+            ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif kind is float:
+            ok, expected = _is_number(value), "a finite number"
+        else:  # not a field: BertConfig(**fields) reports it
+            continue
+        if not ok:
+            raise ConfigError(f"{source}: {key}: expected {expected}, got {_show(value)}")
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:

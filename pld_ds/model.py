@@ -43,6 +43,10 @@ class BertConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not self.layer_norm_eps > 0:
+            problems.append(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if not self.initializer_range >= 0:
+            problems.append(f"initializer_range must be >= 0, got {self.initializer_range!r}")
         if not problems and self.hidden_size % self.num_heads:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if problems:

@@ -48,17 +48,32 @@ def inspect_shard(path: Path) -> ShardInfo:
                 raise ShardError(f"{path}: has only one of masked_lm_positions / masked_lm_ids "
                                  "(expected both or neither)")
             fields = schema.ALL_FIELDS if static else schema.BASE_FIELDS
-            num, seq = f[schema.INPUT_IDS.name].shape[0], f[schema.INPUT_IDS.name].shape[-1]
-            max_pred = f[schema.MASKED_LM_IDS.name].shape[-1] if static else 0
+            datasets = {field.name: f[field.name] for field in fields}
             for field in fields:
-                data = f[field.name]
+                data = datasets[field.name]
+                if not isinstance(data, h5py.Dataset):
+                    raise ShardError(f"{path}: {field.name} is an HDF5 {type(data).__name__}, not a dataset "
+                                     f"(expected an array of {field.dtype})")
                 if data.dtype.kind not in "iu":
                     raise ShardError(f"{path}: {field.name} has dtype {data.dtype} (expected integers, {field.dtype})")
+            # Sizes come from input_ids [N, seq] and masked_lm_ids [N, pred]; check their rank before reading them.
+            for field, dims in ((schema.INPUT_IDS, "[samples, sequence length]"),
+                                (schema.MASKED_LM_IDS, "[samples, max predictions]")):
+                data = datasets.get(field.name)
+                if data is not None and data.ndim != 2:  # ndim is 0 for a scalar and for an empty dataspace
+                    raise ShardError(f"{path}: {field.name} has shape {data.shape} (expected {dims})")
+            num, seq = datasets[schema.INPUT_IDS.name].shape
+            if seq == 0:
+                raise ShardError(f"{path}: input_ids has shape {(num, seq)} (expected a sequence length of at least 1)")
+            max_pred = datasets[schema.MASKED_LM_IDS.name].shape[1] if static else 0
+            for field in fields:
+                data = datasets[field.name]
                 want = schema.expected_shape(field, num, seq, max_pred)
                 # NVIDIA's next_sentence_labels is [N]; accept [N, 1] too.
                 if data.shape != want and not (field.dims == () and data.shape == (num, 1)):
                     raise ShardError(f"{path}: {field.name} has shape {data.shape} (expected {want})")
-    except OSError as err:
+    except (OSError, KeyError, RuntimeError, ValueError) as err:
+        # h5py reports a damaged file as any of these, depending on which of its structures is damaged.
         raise ShardError(f"{path}: not a readable HDF5 shard ({err})") from None
     return ShardInfo(path, num, seq, max_pred, static)
 
@@ -85,11 +100,14 @@ def slab_rows(info: ShardInfo) -> int:
 
 
 def check_rows(info: ShardInfo, arrays: dict[str, np.ndarray], vocab_size: int) -> None:
-    """Token ids inside the vocabulary, prediction positions inside the sequence; cheap min/max checks."""
+    """Token ids inside the vocabulary, 0/1 fields, prediction positions inside the sequence: min/max checks."""
     for name in (schema.INPUT_IDS.name, schema.MASKED_LM_IDS.name):
         if name in arrays and arrays[name].size and (arrays[name].min() < 0 or arrays[name].max() >= vocab_size):
             raise ShardError(f"{info.path}: {name} holds token ids outside [0, {vocab_size}) "
                              "(expected ids of the model's vocabulary)")
+    for name in (schema.SEGMENT_IDS.name, schema.INPUT_MASK.name, schema.NEXT_SENTENCE_LABELS.name):
+        if name in arrays and arrays[name].size and (arrays[name].min() < 0 or arrays[name].max() > 1):
+            raise ShardError(f"{info.path}: {name} holds values outside {{0, 1}} (expected 0 or 1)")
     positions = arrays.get(schema.MASKED_LM_POSITIONS.name)
     if positions is not None and positions.size and (positions.min() < 0 or positions.max() >= info.seq_len):
         raise ShardError(f"{info.path}: masked_lm_positions outside [0, {info.seq_len}) "
@@ -146,8 +164,11 @@ def inspect_paths(paths: list[Path], skip_bad: bool = False) -> tuple[list[Shard
 
 
 def check_seq_len(infos: list[ShardInfo], seq_len: int | None = None) -> list[ShardInfo]:
+    """Every shard has ``seq_len`` (default: the first shard's sequence length)."""
+    # Name where the expected length comes from: the first shard, or the caller (the training shards).
+    origin = f"as in {infos[0].path}" if seq_len is None else "as the other shards of this run"
     seq_len = seq_len or infos[0].seq_len
     for info in infos:
         if info.seq_len != seq_len:
-            raise ShardError(f"{info.path}: sequence length {info.seq_len} (expected {seq_len}, as in {infos[0].path})")
+            raise ShardError(f"{info.path}: sequence length {info.seq_len} (expected {seq_len}, {origin})")
     return infos
