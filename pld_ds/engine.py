@@ -20,8 +20,9 @@ import deepspeed
 import torch
 from deepspeed.runtime.config import DeepSpeedConfigError
 
-from pld_ds import pld
+from pld_ds import checkpoint, pld
 from pld_ds.config import ConfigError, PLDConfig, split_ds_config
+from pld_ds.errors import UserError
 
 try:
     from pydantic import ValidationError
@@ -50,6 +51,10 @@ def _monitors_under(ds_config: dict[str, Any], output_dir: Path) -> dict[str, An
         if isinstance(block, dict) and block.get("enabled") and not block.get("output_path"):
             ds_config[key] = {**block, "output_path": str(output_dir / sub)}
     return ds_config
+
+
+class NonFiniteLoss(UserError):
+    pass
 
 
 class PLDEngine:
@@ -83,8 +88,10 @@ class PLDEngine:
             raise ConfigError(f"{self.config_source}: DeepSpeed rejected the config: "
                               f"{' '.join(first[:3]) if first else type(err).__name__}") from err
         self.module = self.engine.module
+        checkpoint.use_safe_loads(self.engine)
         self._passes_generator = "pld_generator" in inspect.signature(self.module.forward).parameters
         self._micro_step = 0  # micro-batch index inside the current accumulation window
+        self.nonfinite_skipped, self._nonfinite_run = 0, 0
         self.module.register_forward_pre_hook(self._inject_pld, with_kwargs=True)
 
     # -- PLD ------------------------------------------------------------------------------------
@@ -141,21 +148,44 @@ class PLDEngine:
         self.engine.step()
         self._micro_step = 0 if boundary else self._micro_step + 1
 
-    def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """One optimizer step over gradient_accumulation_steps micro-batches; mean losses, still on device."""
+    def train_batch(self, batches: Iterator[dict[str, torch.Tensor]], max_nonfinite: int = 0
+                    ) -> dict[str, torch.Tensor]:
+        """One optimizer step over gradient_accumulation_steps micro-batches; mean losses, still on device.
+
+        ``max_nonfinite`` > 0: a micro-batch whose loss is NaN or inf on any rank is skipped on every rank
+        (no backward, no step: the accumulation window takes the next batch instead) and counted in
+        ``nonfinite_skipped``; more than ``max_nonfinite`` in a row raise NonFiniteLoss. (fp16 overflow
+        is DeepSpeed's loss scaler's business: it skips those steps itself.)
+        """
         self.train()
         totals: dict[str, torch.Tensor] = {}
-        steps = self.gradient_accumulation_steps
-        for _ in range(steps):
+        steps, done = self.gradient_accumulation_steps, 0
+        while done < steps:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
             out = self(**batch)
+            if max_nonfinite and not self._finite_everywhere(out.loss):
+                self.nonfinite_skipped += 1
+                self._nonfinite_run += 1
+                if self._nonfinite_run > max_nonfinite:
+                    raise NonFiniteLoss(f"loss was NaN or inf in {self._nonfinite_run} micro-batches in a row at "
+                                        f"step {self.global_steps} ({self.nonfinite_skipped} skipped in all): "
+                                        "stopping; lower the learning rate or resume from an earlier checkpoint")
+                continue
+            self._nonfinite_run = 0
             self.backward(out.loss)
             self.step()
+            done += 1
             for name in ("loss", "mlm_loss", "nsp_loss"):
                 value = getattr(out, name, None)
                 if value is not None:
                     totals[name] = totals.get(name, 0.0) + value.detach().float() / steps
         return totals
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite.item())
 
     # -- monitoring -----------------------------------------------------------------------------
     def get_lr(self) -> float:
@@ -175,12 +205,14 @@ class PLDEngine:
             self.engine.monitor.write_events([(tag, float(value), step) for tag, value in scalars.items()])
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save_checkpoint(self, save_dir: str | Path, client_state: dict[str, Any] | None = None) -> str:
-        tag = f"global_step{self.engine.global_steps}"
+    def save_checkpoint(self, save_dir: str | Path, client_state: dict[str, Any] | None = None, *,
+                        tag: str | None = None, save_latest: bool = True) -> str:
+        """DeepSpeed's checkpoint plus the PLD state; pld_ds.checkpoint.Checkpointer makes it crash-safe."""
+        tag = tag or f"global_step{self.engine.global_steps}"
         state = {"pld": {"enabled": self.pld.enabled, "theta_bar": self.pld.theta, "gamma": self.pld.gamma,
                          "step": self.engine.global_steps, "theta": self.get_pld_theta()},
                  "seed": self.seed, **(client_state or {})}
-        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=state)
+        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=state, save_latest=save_latest)
         return tag
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> dict[str, Any] | None:

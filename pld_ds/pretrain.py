@@ -12,26 +12,32 @@ import random
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from pld_ds import metrics
+from pld_ds import checkpoint, metrics
 from pld_ds.config import ConfigError, model_config, padded_vocab_size, read_json, split_ds_config
-from pld_ds.data import schema
+from pld_ds.data import schema, shards
 from pld_ds.data.loader import ShardBatches
 from pld_ds.data.masking import DynamicMasking
 from pld_ds.data.shards import ShardError, find_shards
 from pld_ds.errors import UserError
-from pld_ds.model import BertForPreTraining
+from pld_ds.model import BertConfig, BertForPreTraining
+from pld_ds.progress import Progress
 
 BERT_VOCAB_SIZE = 30522
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")  # one line, no usage block
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pld-pretrain", description=__doc__.split("\n")[0])
+    p = _Parser(prog="pld-pretrain", description=__doc__.split("\n")[0])
     p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, metavar="FILE",
                    help="DeepSpeed JSON, may hold a progressive_layer_drop block")
     p.add_argument("--data", required=True, metavar="DIR",
@@ -45,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-interval", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=int, default=50, help="at most N micro-batches per rank per evaluation")
     p.add_argument("--save-interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=3, metavar="N",
+                   help="keep the newest N checkpoints (0: all); default 3")
+    p.add_argument("--nan-patience", type=int, default=10, metavar="K",
+                   help="skip micro-batches whose loss is NaN/inf, and stop after K in a row (0: no check)")
     p.add_argument("--resume", metavar="auto|PATH",
                    help="auto: newest checkpoint under OUTPUT, if any; or a checkpoint folder")
     p.add_argument("--seed", type=int, default=42)
@@ -56,10 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
     args = p.parse_args(argv)
+    if args.vocab_size is not None and args.vocab_size < 1:
+        p.error(f"--vocab-size must be >= 1, got {args.vocab_size}")
     for name in ("max_steps", "log_interval"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("eval_interval", "eval_batches", "save_interval", "data_workers"):
+    for name in ("eval_interval", "eval_batches", "save_interval", "data_workers", "keep_checkpoints",
+                 "nan_patience"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
@@ -88,7 +101,10 @@ def data_vocabulary(data: str, override: int | None) -> tuple[int, DynamicMaskin
     vocab_file = Path(data) / vocab["file"] if isinstance(vocab.get("file"), str) else None
     if vocab_file is None or not vocab_file.is_file():
         return size, None
-    tokens = {t: i for i, t in enumerate(vocab_file.read_text(encoding="utf-8").splitlines())}
+    try:
+        tokens = {t: i for i, t in enumerate(vocab_file.read_text(encoding="utf-8").splitlines())}
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{vocab_file}: cannot read the vocabulary ({err}; expected a UTF-8 vocab.txt)") from None
     if "[MASK]" not in tokens:
         raise ConfigError(f"{vocab_file}: no [MASK] token (expected a BERT WordPiece vocab.txt)")
     special = tuple(tokens[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in tokens)
@@ -96,7 +112,11 @@ def data_vocabulary(data: str, override: int | None) -> tuple[int, DynamicMaskin
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global generator, as tensors and plain data (checkpoints load with weights_only=True)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -104,7 +124,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -135,22 +156,30 @@ def evaluate(engine: Any, batches: ShardBatches, max_batches: int) -> dict[str, 
             "eval/nsp_accuracy": nsp_ok / max(n, 1)}
 
 
-def resume_target(resume: str | None, checkpoints: Path) -> tuple[Path, str | None] | None:
-    """(folder, tag) of the checkpoint to load: tag None means the folder's `latest`."""
-    if resume is None or (resume == "auto" and not (checkpoints / "latest").is_file()):
+def resume_target(resume: str | None, checkpoints: Path) -> tuple[Path, str] | None:
+    """(folder, tag) of the checkpoint to load. auto: the newest complete one under OUTPUT, if any."""
+    if resume is None:
         return None
     if resume == "auto":
-        return checkpoints, None
+        tag = checkpoint.newest(checkpoints)
+        return (checkpoints, tag) if tag else None
     path = Path(resume)
-    if not path.exists():
+    if not path.is_dir():
         raise UserError(f"--resume {resume}: no such checkpoint folder")
-    return (path, None) if (path / "latest").is_file() else (path.parent, path.name)
+    tag = checkpoint.newest(path)
+    return (path, tag) if tag else (path.parent, path.name)
 
 
-def resume_from(engine: Any, resume: str, target: tuple[Path, str | None], train: ShardBatches) -> None:
-    client = engine.load_checkpoint(*target)
+def resume_from(engine: Any, resume: str, target: tuple[Path, str], train: ShardBatches) -> None:
+    path = target[0] / target[1]
+    try:
+        client = engine.load_checkpoint(*target)
+    except (AssertionError, RuntimeError, KeyError, ValueError, OSError) as err:
+        # DeepSpeed asserts on a checkpoint of another ZeRO stage or world size; torch on other shapes.
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"--resume {resume}: {path} does not fit this model and config ({reason[:300]})") from err
     if client is None:
-        raise UserError(f"--resume {resume}: no loadable checkpoint there")
+        raise UserError(f"--resume {resume}: no loadable checkpoint in {path}")
     train.load_state_dict(client["data"])
     set_rng_state(client["rng"])
 
@@ -174,6 +203,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     vocab_size, masking = data_vocabulary(args.data, args.vocab_size)
     cfg = model_config(args.model, vocab_size=padded_vocab_size(vocab_size),
                        activation_checkpointing=args.activation_checkpointing or None)
+    infos, _ = shards.inspect_paths(train_paths, args.skip_bad_shards)
+    seq_len = shards.check_seq_len(infos)[0].seq_len
+    if seq_len > cfg.max_position_embeddings:
+        raise ShardError(f"{infos[0].path}: sequence length {seq_len} exceeds the model's "
+                         f"max_position_embeddings {cfg.max_position_embeddings}")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -188,50 +222,65 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                       masking=masking, skip_bad_shards=args.skip_bad_shards)
     train = ShardBatches(train_paths, seed=args.seed, workers=args.data_workers, **shard_args)
     warn_skipped(rank, train, len(train_paths))
-    if train.seq_len > cfg.max_position_embeddings:
-        raise ShardError(f"{train_paths[0]}: sequence length {train.seq_len} exceeds the model's "
-                         f"max_position_embeddings {cfg.max_position_embeddings}")
     valid = ShardBatches(eval_paths, seq_len=train.seq_len, **shard_args) if eval_paths else None
     if valid is not None:
         warn_skipped(rank, valid, len(eval_paths))
     if target is not None:
         resume_from(engine, args.resume, target, train)
+    resolved = {"args": {k: v for k, v in vars(args).items() if k != "local_rank"}, "model": asdict(cfg),
+                "pld": asdict(engine.pld), "deepspeed": engine.ds_config}
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-        resolved = {"args": vars(args), "model": asdict(cfg), "pld": asdict(engine.pld), "deepspeed": engine.ds_config}
-        (output / "run_config.json").write_text(json.dumps(resolved, indent=2, default=str))
+        checkpoint.write_text_atomic(output / "run_config.json", json.dumps(resolved, indent=2))
     # ZeRO-3 leaves partitioned parameters empty; ds_numel is their full size.
     params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     log(rank, f"pld-pretrain: {args.model} ({params / 1e6:.1f}M params), "
         f"{len(train.infos)} shards, {train.batches_per_epoch} steps/epoch, world {world}, PLD {engine.pld}")
 
+    ckpt = checkpoint.Checkpointer(checkpoints, args.save_interval, args.keep_checkpoints)
+
     def save() -> None:
-        engine.save_checkpoint(checkpoints, {"data": train.state_dict(), "rng": rng_state()})
+        ckpt.save(engine, {"data": train.state_dict(), "rng": rng_state(), "config": resolved})
 
     batches, meter, scalars = iter(train), metrics.Throughput(engine.global_steps * train.global_batch), {}
-    masked_per_seq = 0.15 * train.seq_len
-    while engine.global_steps < args.max_steps:
-        losses = engine.train_batch(batches)
-        step = engine.global_steps
-        if step % args.log_interval == 0 or step == args.max_steps:
-            samples_per_sec = meter.tick(step * train.global_batch)
-            depth = engine.expected_depth() or cfg.num_layers
-            flops = metrics.training_flops_per_sequence(cfg, train.seq_len, masked_per_seq, depth)
-            scalars = {f"train/{k}": v.item() for k, v in losses.items()}
-            scalars.update(engine.pld_scalars(), **{"train/lr": engine.get_lr(),
-                           "train/samples_per_sec": samples_per_sec, "train/tflops": samples_per_sec * flops / 1e12})
-            engine.write_scalars(scalars, step)
-            log(rank, f"step {step:>6}  " + "  ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in scalars.items()))
-        if valid and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
-            engine.write_scalars(evaluate(engine, valid, args.eval_batches), step)
-        if args.save_interval and step % args.save_interval == 0 and step < args.max_steps:
-            save()
-    save()
+    progress = Progress(args.max_steps, engine.global_steps, enabled=rank == 0)
+    with checkpoint.Preemption() as preemption, progress:
+        while engine.global_steps < args.max_steps:
+            losses = engine.train_batch(batches, max_nonfinite=args.nan_patience)
+            step = engine.global_steps
+            if step % args.log_interval == 0 or step == args.max_steps:
+                scalars = train_scalars(engine, losses, meter.tick(step * train.global_batch), cfg, train.seq_len)
+                engine.write_scalars(scalars, step)
+                line = f"step {step:>6}  " + "  ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in scalars.items())
+                progress.write(line if progress.interactive else f"{line}  {progress.status()}")
+            if valid and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
+                engine.write_scalars(evaluate(engine, valid, args.eval_batches), step)
+            if ckpt.due(step) and step < args.max_steps:
+                save()
+            if signum := preemption.requested(engine.device):
+                save()
+                raise checkpoint.Preempted(signum, step, checkpoints / checkpoint.tag_for(step))
+            progress.update(step, scalars)
+    if ckpt.newest() != checkpoint.tag_for(engine.global_steps):
+        save()
     if valid:
         scalars.update(evaluate(engine, valid, args.eval_batches))
         engine.write_scalars({k: v for k, v in scalars.items() if k.startswith("eval/")}, engine.global_steps)
         log(rank, "eval  " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k.startswith("eval/")))
-    log(rank, f"checkpoint: {checkpoints}")
+    log(rank, f"checkpoint: {checkpoints / checkpoint.tag_for(engine.global_steps)}")
+    return scalars
+
+
+def train_scalars(engine: Any, losses: dict[str, torch.Tensor], samples_per_sec: float, cfg: BertConfig,
+                  seq_len: int) -> dict[str, float]:
+    depth = engine.expected_depth() or cfg.num_layers
+    flops = metrics.training_flops_per_sequence(cfg, seq_len, 0.15 * seq_len, depth)
+    scalars = {f"train/{k}": v.item() for k, v in losses.items()}
+    scalars.update(engine.pld_scalars())
+    scalars.update({"train/lr": engine.get_lr(), "train/samples_per_sec": samples_per_sec,
+                    "train/tflops": samples_per_sec * flops / 1e12})
+    if engine.nonfinite_skipped:
+        scalars["train/skipped_nonfinite"] = float(engine.nonfinite_skipped)
     return scalars
 
 
@@ -244,6 +293,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"pld-pretrain: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except checkpoint.Preempted as stop:
+        print(f"pld-pretrain: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     finally:
         if dist.is_initialized():  # else NCCL warns at exit
             dist.destroy_process_group()

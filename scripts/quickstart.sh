@@ -17,6 +17,7 @@ pld-prep --input "$corpus" --output "$out/shards" --train-vocab 4096 --max-seq-l
   --max-predictions-per-seq 10 --dupe-factor 5 --num-shards 4 --seed 1
 pld-pretrain --deepspeed_config ds_configs/quickstart_cpu.json --data "$out/shards" --output "$out/run" \
   --model micro --max-steps "${STEPS:-1200}" --log-interval 50 --eval-interval 400 --eval-batches 40 --resume auto
+pld-plot "$out/run" --out "$out/run/plot.png"
 python - "$out/shards" <<'PY'
 import sys, pathlib, h5py, numpy as np
 root = pathlib.Path(sys.argv[1])
@@ -33,6 +34,7 @@ artefacts
   shards       $out/shards (manifest.json, vocab.txt, train/, validation/)
   checkpoint   $out/run/checkpoints
   scalars      $out/run/tensorboard (also CSV under $out/run/csv)
+  plot         $out/run/plot.png (loss, theta and expected depth against steps)
   settings     $out/run/run_config.json
 watch with:    .venv/bin/tensorboard --logdir $out/run/tensorboard
 TXT
