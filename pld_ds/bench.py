@@ -25,8 +25,6 @@ from pld_ds.data.schema import IGNORE_INDEX
 from pld_ds.errors import UserError
 from pld_ds.model import BertConfig, BertForPreTraining
 
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device name, for MFU.
-PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "V100": 125.0, "L40S": 362.0}
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "amp-bf16": torch.bfloat16}
 
 
@@ -49,12 +47,7 @@ class Row:
     speedup_vs_hf: float | None = None
 
 
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def peak_tflops(name: str) -> float | None:
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+device_name, peak_tflops = metrics.device_name, metrics.peak_tflops
 
 
 def synthetic_batch(cfg: BertConfig, batch: int, seq_len: int, device: torch.device, seed: int = 0) -> dict:

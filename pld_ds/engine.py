@@ -92,6 +92,9 @@ class PLDEngine:
         self._passes_generator = "pld_generator" in inspect.signature(self.module.forward).parameters
         self._micro_step = 0  # micro-batch index inside the current accumulation window
         self.nonfinite_skipped, self._nonfinite_run = 0, 0
+        e = self.engine
+        self._own_grad_norm = not (e.fp16_enabled() or e.bfloat16_enabled() or e.zero_optimization())
+        self._grad_norm: torch.Tensor | None = None
         self.module.register_forward_pre_hook(self._inject_pld, with_kwargs=True)
 
     # -- PLD ------------------------------------------------------------------------------------
@@ -145,6 +148,11 @@ class PLDEngine:
 
     def step(self) -> None:
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and self._own_grad_norm:
+            # DeepSpeed's fp16/bf16/ZeRO optimizers report the norm; with a plain torch optimizer it clips
+            # without keeping it. A tensor, so no sync here; read when logging.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self.engine.step()
         self._micro_step = 0 if boundary else self._micro_step + 1
 
@@ -190,6 +198,20 @@ class PLDEngine:
     # -- monitoring -----------------------------------------------------------------------------
     def get_lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def optimizer_scalars(self) -> dict[str, float]:
+        """Gradient norm of the last step (DeepSpeed computes it when gradient_clipping is set) and, with fp16,
+        the dynamic loss scale."""
+        scalars = {}
+        norm = self._grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
+        if norm is not None:
+            scalars["train/grad_norm"] = float(norm)
+        if self.engine.fp16_enabled():
+            scale = getattr(self.engine.optimizer, "cur_scale", None) or getattr(self.engine.optimizer, "loss_scale",
+                                                                                None)
+            if scale is not None:
+                scalars["train/loss_scale"] = float(scale)
+        return scalars
 
     def pld_scalars(self) -> dict[str, float]:
         scalars = {"train/pld_theta": self.get_pld_theta()}

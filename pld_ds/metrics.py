@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from pld_ds.model import BertConfig
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device name, for MFU.
+PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "V100": 125.0, "L40S": 362.0}
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def peak_tflops(name: str) -> float | None:
+    """The dense 16-bit tensor-core peak of a device by its name; None when unknown (CPUs)."""
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
 def encoder_flops_per_sequence(cfg: BertConfig, seq_len: int, layers: float | None = None) -> float:

@@ -277,8 +277,13 @@ def train_scalars(engine: Any, losses: dict[str, torch.Tensor], samples_per_sec:
     flops = metrics.training_flops_per_sequence(cfg, seq_len, 0.15 * seq_len, depth)
     scalars = {f"train/{k}": v.item() for k, v in losses.items()}
     scalars.update(engine.pld_scalars())
-    scalars.update({"train/lr": engine.get_lr(), "train/samples_per_sec": samples_per_sec,
-                    "train/tflops": samples_per_sec * flops / 1e12})
+    tflops = samples_per_sec * flops / 1e12  # all ranks together
+    scalars.update({"train/lr": engine.get_lr(), "train/samples_per_sec": samples_per_sec, "train/tflops": tflops})
+    peak = metrics.peak_tflops(metrics.device_name())
+    if peak:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        scalars["train/mfu"] = tflops / (peak * world)
+    scalars.update(engine.optimizer_scalars())
     if engine.nonfinite_skipped:
         scalars["train/skipped_nonfinite"] = float(engine.nonfinite_skipped)
     return scalars

@@ -336,3 +336,18 @@ def test_pld_block_error_before_deepspeed(tmp_path):
     config = ds_config(pld_block={"enabled": True, "theta": 0.0})
     with pytest.raises(ConfigError, match=r"progressive_layer_drop\.theta"):
         PLDEngine(BertForPreTraining(tiny_config()), config, output_dir=tmp_path / "out")
+
+
+def test_grad_norm_is_the_norm_before_clipping(tmp_path):
+    """A plain torch optimizer: DeepSpeed clips without keeping the norm, so the engine measures it."""
+    config = ds_config(pld_block={"enabled": False}, gradient_clipping=1e-3)
+    engine = make_engine(tmp_path, model_cls=BertForPreTraining, config=config)
+    replica = BertForPreTraining(tiny_config())
+    replica.load_state_dict(engine.module.state_dict())
+    batch = synthetic_batch(batch=4, seed=3)
+    replica(**batch).loss.backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in replica.parameters() if p.grad is not None])
+    engine.train_batch(iter([batch]))
+    scalars = engine.optimizer_scalars()
+    assert scalars["train/grad_norm"] == pytest.approx(float(expected), rel=1e-5)
+    assert float(expected) > 1e-3 and "train/loss_scale" not in scalars  # clipped hard, fp32: no loss scale
