@@ -53,6 +53,28 @@ def _monitors_under(ds_config: dict[str, Any], output_dir: Path) -> dict[str, An
     return ds_config
 
 
+def _wandb_on_own_axes(monitor: Any) -> None:
+    """DeepSpeed logs Train/Samples/* to wandb with the sample count as wandb's step, we log with the
+    optimizer step, and wandb drops every record whose step is below the last one: ours would vanish.
+    So each series is logged against its own x-axis metric (define_metric) and wandb's step just counts."""
+    wb = getattr(monitor, "wandb_monitor", None)
+    if wb is None or not wb.enabled:
+        return
+    import wandb
+
+    for axis in ("optimizer_step", "samples"):
+        wandb.define_metric(axis)
+    for pattern in ("train/*", "eval/*"):
+        wandb.define_metric(pattern, step_metric="optimizer_step")
+    wandb.define_metric("Train/Samples/*", step_metric="samples")
+
+    def write_events(events: list[tuple[str, float, int]]) -> None:
+        for tag, value, step in events:
+            wandb.log({tag: value, "samples" if tag.startswith("Train/Samples/") else "optimizer_step": step})
+
+    wb.write_events = write_events
+
+
 class NonFiniteLoss(UserError):
     pass
 
@@ -76,6 +98,10 @@ class PLDEngine:
         self.seed = seed
         self.num_layers = num_layers or getattr(getattr(model, "config", None), "num_layers", None)
         _default_launch_env()
+        wandb_block = ds_config.get("wandb")
+        if output_dir is not None and isinstance(wandb_block, dict) and wandb_block.get("enabled"):
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            os.environ.setdefault("WANDB_DIR", str(output_dir))  # read by wandb.init inside deepspeed.initialize
         if model_parameters is None:
             model_parameters = [p for p in model.parameters() if p.requires_grad]
         try:
@@ -88,6 +114,7 @@ class PLDEngine:
             raise ConfigError(f"{self.config_source}: DeepSpeed rejected the config: "
                               f"{' '.join(first[:3]) if first else type(err).__name__}") from err
         self.module = self.engine.module
+        _wandb_on_own_axes(self.engine.monitor)
         checkpoint.use_safe_loads(self.engine)
         self._passes_generator = "pld_generator" in inspect.signature(self.module.forward).parameters
         self._micro_step = 0  # micro-batch index inside the current accumulation window

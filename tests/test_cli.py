@@ -315,3 +315,26 @@ def test_throughput_after_resume_counts_only_new_samples(tmp_path, monkeypatch):
         resumed = pretrain.run(pretrain.parse_args([*common, "--max-steps", "4", "--resume", "auto"]))
     assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "global_step4"
     assert resumed["train/samples_per_sec"] == 2 * 16
+
+
+@pytest.mark.slow
+def test_wandb_block_logs_our_scalars_offline(tmp_path):
+    """DeepSpeed logs its own series to wandb with the sample count as wandb's step; ours must not be dropped as
+    'partial history' behind it, and the run folder goes under --output."""
+    pytest.importorskip("wandb")
+    config = load_ds_config("tiny_cpu_pld.json")
+    config["wandb"] = {"enabled": True, "project": "pld_ds_test"}
+    path = write_json(tmp_path / "wandb.json", config)
+    data = make_shard_dir(tmp_path / "data", shard_sizes=(64, 64), seq_len=32, validation=32)
+    env = {**child_env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env.pop("WANDB_DIR", None)
+    proc = subprocess.run(pretrain_cmd("--deepspeed_config", str(path), "--data", str(data), "--output",
+                                       str(tmp_path / "out"), "--model", "tiny", "--max-steps", "3",
+                                       "--log-interval", "1"), cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    assert "ignoring partial history" not in (run_dir / "logs" / "debug-internal.log").read_text()
+    (records,) = run_dir.glob("run-*.wandb")
+    for tag in (b"train/pld_theta", b"train/expected_depth", b"train/loss", b"eval/mlm_loss"):
+        assert tag in records.read_bytes(), tag
