@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="leave out shards that fail validation at start, with a warning, instead of stopping")
     p.add_argument("--data-workers", type=int, default=0,
                    help="worker processes that prepare training batches (0: a background thread)")
+    p.add_argument("--bin-by-length", action="store_true",
+                   help="batch samples of similar length and cut each batch to its longest (less compute on padding)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each kept layer in backward")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
@@ -220,7 +222,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard_args = dict(micro_batch=engine.micro_batch_size, vocab_size=vocab_size, rank=rank, world_size=world,
                       masking=masking, skip_bad_shards=args.skip_bad_shards)
-    train = ShardBatches(train_paths, seed=args.seed, workers=args.data_workers, **shard_args)
+    train = ShardBatches(train_paths, seed=args.seed, workers=args.data_workers, bin_by_length=args.bin_by_length,
+                         **shard_args)
     warn_skipped(rank, train, len(train_paths))
     valid = ShardBatches(eval_paths, seq_len=train.seq_len, **shard_args) if eval_paths else None
     if valid is not None:

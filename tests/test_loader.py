@@ -832,3 +832,73 @@ def test_a_worker_error_is_the_original_one_line_error(tmp_path):
     with pytest.raises(ShardError) as err:
         take(loader, 8)
     assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+# -- binning by length ----------------------------------------------------------------------------
+
+
+def real_lengths(batch):
+    mask = batch["attention_mask"].numpy() != 0
+    return np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), 0)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_binned_epoch_covers_each_sample_once_and_only_cuts_padding(paths, all_rows, world):
+    micro = 4
+    loaders = [ShardBatches(paths, micro_batch=micro, vocab_size=VOCAB_SIZE, rank=r, world_size=world, seed=6,
+                            bin_by_length=True) for r in range(world)]
+    per_epoch = loaders[0].batches_per_epoch
+    seen = []
+    for loader in loaders:
+        for batch in take(loader, per_epoch):
+            width = batch["input_ids"].shape[1]
+            longest = int(real_lengths(batch).max())
+            assert width == min(SEQ, -(-longest // 8) * 8)  # cut to the longest sample, rounded up to 8
+            for row in batch["input_ids"].numpy().astype(np.int64):
+                # the dropped columns were padding: the row padded back is a row of the shards
+                key = np.pad(row, (0, SEQ - width)).tobytes()
+                assert key in all_rows
+                seen.append(key)
+    assert len(seen) == len(set(seen)) == per_epoch * micro * world
+
+
+def test_binned_batches_hold_similar_lengths(tmp_path):
+    """One shard, lengths from 16 to 32: without binning every batch needs all 32 columns."""
+    rng = np.random.default_rng(0)
+    arrays = make_samples(256, SEQ, 5, rng)
+    path = write_shard(tmp_path / "s.hdf5", arrays)
+    plain = take(ShardBatches([path], micro_batch=16, vocab_size=VOCAB_SIZE, seed=1), 16)
+    binned = take(ShardBatches([path], micro_batch=16, vocab_size=VOCAB_SIZE, seed=1, bin_by_length=True), 16)
+    computed = [b["input_ids"].numel() for b in binned]
+    assert sum(computed) <= 0.9 * sum(b["input_ids"].numel() for b in plain)  # lengths 16..32, widths 16/24/32
+    spread = [int(np.ptp(real_lengths(b))) for b in binned]
+    assert max(spread) <= 4  # 256 samples over ~16 lengths: a batch of 16 spans at most a few
+
+
+@pytest.mark.parametrize("k", [0, 9, 23, 30])
+def test_binned_resume_equals_uninterrupted(paths, k):
+    total = 40
+    make = lambda: ShardBatches(paths, micro_batch=5, vocab_size=VOCAB_SIZE, seed=8, bin_by_length=True)  # noqa: E731
+    reference = take(make(), total)
+    first = make()
+    head = take(first, k)
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    got = head + take(resumed, total - k)
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(reference, got, strict=True) for n in a)
+
+
+def test_cutting_padding_columns_leaves_the_loss_unchanged(tmp_path):
+    from pld_helpers import tiny_model
+
+    path = write_shard(tmp_path / "s.hdf5", make_samples(64, SEQ, 5, np.random.default_rng(2)))
+    loader = ShardBatches([path], micro_batch=16, vocab_size=VOCAB_SIZE, seed=3, bin_by_length=True)
+    batch = min(take(loader, 4), key=lambda b: b["input_ids"].shape[1])  # the shortest group
+    width = batch["input_ids"].shape[1]
+    assert width < SEQ
+    padded = {k: torch.nn.functional.pad(v, (0, SEQ - width), value=-100 if k == "masked_lm_labels" else 0)
+              if v.dim() == 2 else v for k, v in batch.items()}
+    model = tiny_model().eval()
+    with torch.no_grad():
+        cut, full = model(**batch), model(**padded)
+    assert torch.allclose(cut.loss, full.loss, atol=1e-6) and torch.allclose(cut.mlm_logits, full.mlm_logits, atol=1e-5)

@@ -120,7 +120,7 @@ class _Reader:
         if self.workers > 1:
             running = epoch * ld.batches_per_epoch + stream // ld.global_batch
             mine &= (running - self.first) % self.workers == self.worker
-        rows = layout.rows(j)[: len(stream)][mine]
+        rows = ld._window_order(layout, j, int(shard_order[pos]), lo)[: len(stream)][mine]
         return _RankRows(stream[mine], shards.read_rows(ld.infos[int(shard_order[pos])], rows, ld.vocab_size))
 
     def batch(self, epoch: int, batch: int) -> Batch:
@@ -213,11 +213,14 @@ class ShardBatches:
         prefetch: int = 2,
         skip_bad_shards: bool = False,
         workers: int = 0,
+        bin_by_length: bool = False,
     ) -> None:
         """``prefetch``: batches prepared ahead on a background thread (0: none), or per worker.
         ``workers``: worker processes (torch DataLoader workers) that build every workers-th batch each,
         reading only those batches' rows (0: build them in this process). ``skip_bad_shards``: leave out
-        shards that fail inspection (listed in ``skipped``) instead of raising the first error."""
+        shards that fail inspection (listed in ``skipped``) instead of raising the first error.
+        ``bin_by_length``: global batches of samples of similar length, each cut to its longest sample
+        (rounded up to a multiple of 8), so little compute goes to padding; shapes then vary by batch."""
         infos, self.skipped = shards.inspect_paths(paths, skip_bad_shards)
         self.infos = shards.check_seq_len(infos, seq_len)
         unmasked = next((info for info in self.infos if not info.static_masking), None)
@@ -228,7 +231,7 @@ class ShardBatches:
         self.seq_len = self.infos[0].seq_len
         self.vocab_size = vocab_size
         self.micro_batch, self.rank, self.world_size, self.seed = micro_batch, rank, world_size, seed
-        self.prefetch, self.workers = prefetch, workers
+        self.prefetch, self.workers, self.bin_by_length = prefetch, workers, bin_by_length
         counts = np.array([info.num_samples for info in self.infos])
         self.global_batch = micro_batch * world_size
         self.batches_per_epoch = int(counts.sum()) // self.global_batch
@@ -269,6 +272,24 @@ class ShardBatches:
         per_window = max(1, SHUFFLE_WINDOW_BYTES // (slab * row_bytes))
         return _ShardLayout(info.num_samples, slab, per_window, (self.seed, epoch, index))
 
+    def _window_order(self, layout: _ShardLayout, j: int, index: int, stream_start: int) -> np.ndarray:
+        """The rows of window j in stream order (the window starts at stream position stream_start).
+
+        With ``bin_by_length`` they are sorted by length (ties in the shuffled order) and cut into
+        groups on the global-batch grid of the stream; the whole groups are shuffled by (seed, epoch,
+        shard, window), the partial ones (batches shared with the previous or next window) stay at
+        the ends. So every global batch inside the window holds samples of similar length."""
+        rows = layout.rows(j)
+        if not self.bin_by_length:
+            return rows
+        by_length = rows[np.lexsort((np.arange(len(rows)), shards.read_lengths(self.infos[index], rows)))]
+        size = self.global_batch
+        head = min(len(rows), -stream_start % size)
+        whole = (len(rows) - head) // size
+        groups = np.random.default_rng([*layout.key, j, 1]).permutation(whole)
+        middle = [by_length[head + g * size:head + (g + 1) * size] for g in groups]
+        return np.concatenate([by_length[:head], *middle, by_length[head + whole * size:]])
+
     def _collate(self, parts: list[dict[str, np.ndarray]], rng: Callable[[], np.random.Generator]) -> Batch:
         cat = {k: np.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
         input_ids = cat[schema.INPUT_IDS.name]
@@ -280,10 +301,15 @@ class ShardBatches:
             # Position 0 is [CLS] and never masked: NVIDIA pads unused prediction slots with 0.
             rows, slots = np.nonzero(positions > 0)
             labels[rows, positions[rows, slots]] = ids[rows, slots]
+        mask, segments = cat[schema.INPUT_MASK.name], cat[schema.SEGMENT_IDS.name]
+        if self.bin_by_length:  # drop the columns that are padding in every row (to a multiple of 8)
+            real = mask.any(0)
+            keep = min(self.seq_len, -(-(len(real) - int(np.argmax(real[::-1]))) // 8) * 8) if real.any() else 8
+            input_ids, segments, mask, labels = (a[:, :keep] for a in (input_ids, segments, mask, labels))
         return {
             "input_ids": _long(input_ids),
-            "token_type_ids": _long(cat[schema.SEGMENT_IDS.name]),
-            "attention_mask": _long(cat[schema.INPUT_MASK.name]),
+            "token_type_ids": _long(segments),
+            "attention_mask": _long(mask),
             "masked_lm_labels": _long(labels),
             "next_sentence_labels": _long(cat[schema.NEXT_SENTENCE_LABELS.name]),
         }

@@ -114,7 +114,14 @@ def check_rows(info: ShardInfo, arrays: dict[str, np.ndarray], vocab_size: int) 
                          "(expected positions inside the sequence, 0 for unused slots)")
 
 
-def read_rows(info: ShardInfo, rows: np.ndarray, vocab_size: int) -> dict[str, np.ndarray]:
+def read_lengths(info: ShardInfo, rows: np.ndarray) -> np.ndarray:
+    """Tokens up to the last real one (input_mask) of samples ``rows``: what a batch of them must keep."""
+    mask = read_rows(info, rows, 0, names=(schema.INPUT_MASK.name,))[schema.INPUT_MASK.name] != 0
+    return np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), 0)
+
+
+def read_rows(info: ShardInfo, rows: np.ndarray, vocab_size: int, names: tuple[str, ...] | None = None
+              ) -> dict[str, np.ndarray]:
     """Samples ``rows`` of a shard, in the order given (indices may repeat).
 
     HDF5 compresses chunks of many rows, so picking rows one by one decompresses a chunk per row
@@ -129,17 +136,19 @@ def read_rows(info: ShardInfo, rows: np.ndarray, vocab_size: int) -> dict[str, n
     nsp = schema.NEXT_SENTENCE_LABELS.name
     try:
         with h5py.File(info.path, "r") as f:
-            datasets = {field.name: f[field.name] for field in fields}
+            every = {field.name: f[field.name] for field in fields}
+            step = _slab_rows(every, info.num_samples)  # from every field: slabs stay where the loader expects
+            datasets = {name: ds for name, ds in every.items() if names is None or name in names}
             out = {name: np.empty((len(rows), *(ds.shape[1:] if name != nsp else ())), ds.dtype)
                    for name, ds in datasets.items()}
-            step = _slab_rows(datasets, info.num_samples)
             bounds = np.searchsorted(wanted, np.arange(0, info.num_samples + step, step))
             for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
                 if a == b:
                     continue
                 lo = k * step
                 slab = {name: ds[lo:lo + step] for name, ds in datasets.items()}
-                slab[nsp] = slab[nsp].reshape(-1)
+                if nsp in slab:
+                    slab[nsp] = slab[nsp].reshape(-1)
                 check_rows(info, slab, vocab_size)
                 for name, values in slab.items():
                     out[name][order[a:b]] = values[wanted[a:b] - lo]
