@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         for theta in args.theta:
             theta_arg = None if theta >= 1.0 else theta
             seconds, mem = bench_pld_ds(cfg, args, theta_arg, zero_stage)
-            depth = pld.expected_depth(cfg.num_layers, theta)
+            depth = pld.keep_probs(cfg.num_layers, theta)
             # Achieved FLOPs count the layers actually expected to run, so PLD rows are not inflated.
             flops = metrics.training_flops_per_sequence(cfg, args.seq_len, masked, depth) * args.micro_batch / seconds
             base_seconds = seconds if theta >= 1.0 else base_seconds

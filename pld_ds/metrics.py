@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -21,18 +22,31 @@ def peak_tflops(name: str) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
-def encoder_flops_per_sequence(cfg: BertConfig, seq_len: int, layers: float | None = None) -> float:
-    """Training FLOPs of the encoder for one sequence: 3 x L x (24 s h^2 + 4 s^2 h).
+def layer_flops_per_sequence(cfg: BertConfig, seq_len: int, layer: int) -> float:
+    """Training FLOPs of one encoder layer for one sequence: 3 x (8 s h a + 4 s h I + 4 s^2 a).
 
-    Forward is 2 FLOPs per multiply-add; backward twice the forward. `layers` may be fractional
-    (the expected depth under PLD).
+    Forward is 2 FLOPs per multiply-add; backward twice the forward. a = heads x head size and I the
+    feed-forward width of this layer (a = h and I = 4h in BERT: the usual 24 s h^2 + 4 s^2 h); QKV and
+    output projection 8 s h a, feed-forward 4 s h I, scores and context 4 s^2 a.
     """
-    layers = cfg.num_layers if layers is None else layers
     h, s = cfg.hidden_size, seq_len
-    # QKV + output projection 8 s h^2, feed-forward 4 s h I (= 16 s h^2 when I = 4h), scores and
-    # context 4 s^2 h: the 24 s h^2 + 4 s^2 h of the usual formula for BERT's shapes.
-    per_layer = 8 * s * h * h + 4 * s * h * cfg.intermediate_size + 4 * s * s * h
-    return 3 * layers * per_layer
+    a = cfg.heads_in(layer) * (h // cfg.num_heads)
+    return 3 * (8 * s * h * a + 4 * s * h * cfg.intermediate_in(layer) + 4 * s * s * a)
+
+
+def encoder_flops_per_sequence(cfg: BertConfig, seq_len: int, layers: float | Sequence[float] | None = None
+                               ) -> float:
+    """Training FLOPs of the encoder for one sequence, layer by layer (slim EarlyBERT layers included).
+
+    ``layers``: None (every layer), each layer's PLD keep probability (a sequence), or a number of
+    layers (the expected depth under PLD; exact when every layer has the same width).
+    """
+    per_layer = [layer_flops_per_sequence(cfg, seq_len, i) for i in range(cfg.num_layers)]
+    if layers is None:
+        return sum(per_layer)
+    if isinstance(layers, (int, float)):
+        return layers * sum(per_layer) / cfg.num_layers
+    return sum(p * flops for p, flops in zip(layers, per_layer, strict=True))
 
 
 def head_flops_per_sequence(cfg: BertConfig, masked_per_seq: float) -> float:
@@ -42,7 +56,7 @@ def head_flops_per_sequence(cfg: BertConfig, masked_per_seq: float) -> float:
 
 
 def training_flops_per_sequence(
-    cfg: BertConfig, seq_len: int, masked_per_seq: float, layers: float | None = None
+    cfg: BertConfig, seq_len: int, masked_per_seq: float, layers: float | Sequence[float] | None = None
 ) -> float:
     return encoder_flops_per_sequence(cfg, seq_len, layers) + head_flops_per_sequence(cfg, masked_per_seq)
 

@@ -33,6 +33,12 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     activation_checkpointing: bool = False
+    # EarlyBERT (pld_ds.earlybert). A slim model keeps layer_heads[l] heads (of head size
+    # hidden_size / num_heads) and layer_intermediate[l] feed-forward neurons in layer l; None: all of them.
+    layer_heads: tuple[int, ...] | None = None
+    layer_intermediate: tuple[int, ...] | None = None
+    # Learnable slimming coefficients, initialised to 1: one per attention head, one per FFN neuron.
+    slimming: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -49,8 +55,37 @@ class BertConfig:
             problems.append(f"initializer_range must be >= 0, got {self.initializer_range!r}")
         if not problems and self.hidden_size % self.num_heads:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not problems:
+            problems += self._check_layer_widths()
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _check_layer_widths(self) -> list[str]:
+        """layer_heads / layer_intermediate: one count per layer, from 1 (a layer keeps at least one head
+        and one neuron) to the full width; JSON lists become tuples so the config stays hashable."""
+        problems = []
+        for name, full in (("layer_heads", self.num_heads), ("layer_intermediate", self.intermediate_size)):
+            widths = getattr(self, name)
+            if widths is None:
+                continue
+            if not isinstance(widths, (list, tuple)):
+                problems.append(f"{name} must be a list of {self.num_layers} integers, got {widths!r}")
+                continue
+            object.__setattr__(self, name, tuple(widths))
+            if len(widths) != self.num_layers:
+                problems.append(f"{name} must have one entry per layer ({self.num_layers}), got {len(widths)}")
+            bad = [w for w in widths if not isinstance(w, int) or isinstance(w, bool) or not 1 <= w <= full]
+            if bad:
+                problems.append(f"{name} entries must be integers in [1, {full}], got {bad[0]!r}")
+        return problems
+
+    def heads_in(self, layer: int) -> int:
+        """Attention heads of 0-based `layer`."""
+        return self.num_heads if self.layer_heads is None else self.layer_heads[layer]
+
+    def intermediate_in(self, layer: int) -> int:
+        """Feed-forward width of 0-based `layer`."""
+        return self.intermediate_size if self.layer_intermediate is None else self.layer_intermediate[layer]
 
 
 @dataclass
@@ -81,14 +116,16 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: BertConfig) -> None:
+    def __init__(self, cfg: BertConfig, index: int = 0) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
+        self.num_heads = cfg.heads_in(index)
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # one GEMM for Q, K and V
-        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        width = self.num_heads * self.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * width)  # one GEMM for Q, K and V
+        self.out = nn.Linear(width, cfg.hidden_size)
         self.attention_dropout = cfg.attention_dropout
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.head_coef = nn.Parameter(torch.ones(self.num_heads)) if cfg.slimming else None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -96,30 +133,37 @@ class SelfAttention(nn.Module):
         context = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0
         )
+        if self.head_coef is not None:  # EarlyBERT: each head's context times its coefficient
+            context = context * self.head_coef.to(context.dtype)[:, None, None]
         context = context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.dropout(self.out(context))
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: BertConfig) -> None:
+    def __init__(self, cfg: BertConfig, index: int = 0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        width = cfg.intermediate_in(index)
+        self.fc1 = nn.Linear(cfg.hidden_size, width)
+        self.fc2 = nn.Linear(width, cfg.hidden_size)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.neuron_coef = nn.Parameter(torch.ones(width)) if cfg.slimming else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+        hidden = F.gelu(self.fc1(x))
+        if self.neuron_coef is not None:  # EarlyBERT: each neuron's activation times its coefficient
+            hidden = hidden * self.neuron_coef.to(hidden.dtype)
+        return self.dropout(self.fc2(hidden))
 
 
 class Layer(nn.Module):
     """x + f(LN(x)) for attention then feed-forward; a kept PLD layer scales f's output by 1/p."""
 
-    def __init__(self, cfg: BertConfig) -> None:
+    def __init__(self, cfg: BertConfig, index: int = 0) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg, index)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn = FeedForward(cfg)
+        self.ffn = FeedForward(cfg, index)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep_prob: float = 1.0) -> torch.Tensor:
         # A product rather than torch.add(alpha=...): a compiled layer then takes keep_prob as a graph
@@ -133,7 +177,7 @@ class Layer(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.activation_checkpointing = cfg.activation_checkpointing
 
@@ -241,3 +285,74 @@ class BertForPreTraining(nn.Module):
             out.nsp_loss = F.cross_entropy(out.nsp_logits.float(), next_sentence_labels.view(-1).long())
             out.loss = out.nsp_loss if out.loss is None else out.loss + out.nsp_loss
         return out
+
+
+# -- fine-tuning --------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassifierOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # B x num_labels (B x 1 for regression)
+
+
+class BertForSequenceClassification(nn.Module):
+    """The pretraining model's embeddings and encoder with BERT's pooler and a new linear classifier.
+
+    Every layer runs (no PLD). num_labels == 1 is regression (mean squared error), as in GLUE's STS-B.
+    """
+
+    def __init__(self, cfg: BertConfig, num_labels: int) -> None:
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        self.config = cfg
+        self.num_labels = num_labels
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+        # The same initialisation as the pretraining model (it reads only self.config).
+        self.apply(lambda module: BertForPreTraining._init_weights(self, module))  # type: ignore[arg-type]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> ClassifierOutput:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        attn_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        hidden, _ = self.encoder(self.embeddings(input_ids, token_type_ids), attn_mask)
+        pooled = torch.tanh(self.pooler(hidden[:, 0]))
+        out = ClassifierOutput(logits=self.classifier(self.dropout(pooled)))
+        if labels is not None:
+            logits = out.logits.float()
+            if self.num_labels == 1:
+                out.loss = F.mse_loss(logits.squeeze(-1), labels.float())
+            else:
+                out.loss = F.cross_entropy(logits, labels.long())
+        return out
+
+
+def load_pretraining_weights(model: BertForSequenceClassification, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Copy a BertForPreTraining state dict (embeddings, encoder, pooler) into a classifier.
+
+    The MLM and NSP heads are left out; returns the names that stay newly initialised (the classifier's).
+    Raises KeyError or RuntimeError when the state dict does not fit the model.
+    """
+    mapped = {}
+    for name, tensor in state_dict.items():
+        if name.startswith(("embeddings.", "encoder.")):
+            mapped[name] = tensor
+        elif name.startswith("heads.pooler."):
+            mapped["pooler." + name.removeprefix("heads.pooler.")] = tensor
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    absent = [name for name in missing if not name.startswith("classifier.")]
+    for problem, names in (("lacks", absent), ("has unknown", unexpected)):
+        if names:
+            raise KeyError(f"pretraining state dict {problem} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
+    return missing
