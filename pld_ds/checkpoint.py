@@ -8,13 +8,14 @@ a complete checkpoint, and a folder named ``global_stepN`` is always complete: a
 new one is in place. ROOT must be one folder shared by all ranks (DeepSpeed's own assumption).
 
 Loading never unpickles arbitrary objects: DeepSpeed's loads go through ``torch.load(...,
-weights_only=True)`` (tensors and plain Python data, plus four plain DeepSpeed record classes).
+weights_only=True)`` (tensors, plain Python data, numpy arrays and four plain DeepSpeed record classes).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -22,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -100,9 +102,10 @@ class Checkpointer:
     def newest(self) -> str | None:
         return newest(self.root)
 
-    def save(self, engine: Any, client_state: dict[str, Any]) -> Path:
-        """Write a checkpoint of ``engine`` (a PLDEngine) at its current step; every rank calls this."""
-        tag = tag_for(engine.global_steps)
+    def save(self, engine: Any, client_state: dict[str, Any], step: int | None = None) -> Path:
+        """Write a checkpoint of ``engine`` (a PLDEngine), named by ``step`` (default: the engine's step count;
+        a run that swapped engines, as EarlyBERT does, counts its own); every rank calls this."""
+        tag = tag_for(engine.global_steps if step is None else step)
         partial = self.root / f"{PARTIAL}{tag}"
         previous = self.newest()
         if self.rank == 0:
@@ -158,26 +161,38 @@ class Checkpointer:
 
 # -- loading without unpickling arbitrary objects -------------------------------------------------
 
-def _deepspeed_state_classes() -> list[type]:
-    """The few DeepSpeed classes its ZeRO/bf16 optimizer states pickle: plain records (their fields are
-    numbers and enums), allowed by name; nothing else is."""
+_NUMPY_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32",
+                 "float64")
+
+
+def _allowed_globals() -> list[Any]:
+    """What a checkpoint may hold besides tensors and plain containers: numpy arrays (RNG states of older
+    client states), under numpy 1 and 2 names, and the few DeepSpeed classes its ZeRO/bf16 optimizer states
+    pickle (an int enum, the loss scalers, a dataclass of two ints). Rebuilding them runs no code of the
+    file's choosing."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    return [np.ndarray, np.dtype, (reconstruct, "numpy._core.multiarray._reconstruct"),
+            (reconstruct, "numpy.core.multiarray._reconstruct"), *(type(np.dtype(n)) for n in _NUMPY_DTYPES),
+            ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
-def safe_load(path: str | os.PathLike, map_location: Any = None) -> Any:
-    """torch.load restricted to tensors and plain data; a file holding anything else is refused by name."""
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu", *, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True: a file that needs anything else is refused by name, never executed."""
     try:
-        with torch.serialization.safe_globals(_deepspeed_state_classes()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ... for bad files
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        reason = f"it holds {found.group(1)}" if found else (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: not loadable as tensors and plain data ({reason}); "
-                              "checkpoints are never unpickled as arbitrary Python objects") from None
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.findall(r"GLOBAL (\S+)|got <class '([^']+)'>", str(err))
+        names = sorted({a or b for a, b in found}) or ["objects other than tensors"]
+        raise CheckpointError(f"{path}: refusing to unpickle {', '.join(names)}: only tensors, plain containers "
+                              "and numpy arrays are loaded from checkpoints") from None
+    except (RuntimeError, OSError, EOFError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: cannot read the checkpoint file: {reason}") from None
 
 
 def use_safe_loads(ds_engine: Any) -> None:
@@ -192,9 +207,10 @@ def use_safe_loads(ds_engine: Any) -> None:
 # -- pre-emption ------------------------------------------------------------------------------------
 
 class Preempted(Exception):  # noqa: N818 - a stop, not an error
-    def __init__(self, signum: int, step: int, path: Path) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} after saving {path}; "
-                         "the same command with --resume auto continues from there")
+    def __init__(self, signum: int, step: int, path: Path | None) -> None:
+        saved = (f"after saving {path}; the same command with --resume auto continues from there" if path else
+                 "during the EarlyBERT ticket search, which is not checkpointed: the same command starts it again")
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} {saved}")
         self.signum = signum
 
 

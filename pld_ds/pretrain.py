@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pld_ds import checkpoint, metrics
+from pld_ds import checkpoint, earlybert, metrics, pld
 from pld_ds.config import ConfigError, model_config, padded_vocab_size, read_json, split_ds_config
 from pld_ds.data import schema, shards
 from pld_ds.data.loader import ShardBatches
@@ -29,6 +30,8 @@ from pld_ds.model import BertConfig, BertForPreTraining
 from pld_ds.progress import Progress
 
 BERT_VOCAB_SIZE = 30522
+TICKET_FILE = "ticket.json"  # the slim model's BertConfig, once EarlyBERT drew it
+EARLYBERT_FILE = "earlybert.json"  # the search's outcome: steps, emergence, what was kept
 
 
 class _Parser(argparse.ArgumentParser):
@@ -201,6 +204,7 @@ def warn_skipped(rank: int, batches: ShardBatches, total: int) -> None:
 def run(args: argparse.Namespace) -> dict[str, float]:
     # Every input is checked before the model is built, so a typo costs a second, not a start-up.
     split_ds_config(args.deepspeed_config)
+    eb = earlybert.EarlyBertConfig.from_ds_config(args.deepspeed_config)
     train_paths, eval_paths = data_folders(args.data, args.eval_data)
     vocab_size, masking = data_vocabulary(args.data, args.vocab_size)
     cfg = model_config(args.model, vocab_size=padded_vocab_size(vocab_size),
@@ -218,7 +222,18 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     target = resume_target(args.resume, checkpoints)
     from pld_ds.engine import PLDEngine  # imports deepspeed (seconds): after the input checks
 
-    engine = PLDEngine(BertForPreTraining(cfg), args.deepspeed_config, seed=args.seed, output_dir=output)
+    # EarlyBERT: search (slimming coefficients, no checkpoints), then the slim model from step `offset` on.
+    # A resumed run whose ticket was drawn continues the slim model.
+    slim_resume = eb.enabled and target is not None and (output / TICKET_FILE).is_file()
+    offset = 0
+    if slim_resume:
+        cfg = model_config(str(output / TICKET_FILE))
+        offset = int(read_json(output / EARLYBERT_FILE, "EarlyBERT record")["search_steps"])
+    elif eb.enabled:
+        cfg, target = dataclasses.replace(cfg, slimming=True), None
+    model = BertForPreTraining(cfg)
+    search = earlybert.TicketSearch(model, eb) if eb.enabled and not slim_resume else None
+    engine = PLDEngine(model, args.deepspeed_config, seed=args.seed, output_dir=output)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard_args = dict(micro_batch=engine.micro_batch_size, vocab_size=vocab_size, rank=rank, world_size=world,
                       masking=masking, skip_bad_shards=args.skip_bad_shards)
@@ -243,14 +258,15 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     ckpt = checkpoint.Checkpointer(checkpoints, args.save_interval, args.keep_checkpoints)
 
     def save() -> None:
-        ckpt.save(engine, {"data": train.state_dict(), "rng": rng_state(), "config": resolved})
+        ckpt.save(engine, {"data": train.state_dict(), "rng": rng_state(), "config": resolved},
+                  step=offset + engine.global_steps)
 
     batches, meter, scalars = iter(train), metrics.Throughput(engine.global_steps * train.global_batch), {}
-    progress = Progress(args.max_steps, engine.global_steps, enabled=rank == 0)
+    progress = Progress(args.max_steps, offset + engine.global_steps, enabled=rank == 0)
     with checkpoint.Preemption() as preemption, progress:
-        while engine.global_steps < args.max_steps:
+        while offset + engine.global_steps < args.max_steps:
             losses = engine.train_batch(batches, max_nonfinite=args.nan_patience)
-            step = engine.global_steps
+            step = offset + engine.global_steps  # one axis for search and slim phases
             if step % args.log_interval == 0 or step == args.max_steps:
                 scalars = train_scalars(engine, losses, meter.tick(step * train.global_batch), cfg, train.seq_len)
                 engine.write_scalars(scalars, step)
@@ -258,26 +274,60 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                 progress.write(line if progress.interactive else f"{line}  {progress.status()}")
             if valid and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
                 engine.write_scalars(evaluate(engine, valid, args.eval_batches), step)
-            if ckpt.due(step) and step < args.max_steps:
+            if search is not None:
+                over = search.observe(step, engine.module)
+                if (check := search.check_at(step)) is not None:
+                    engine.write_scalars(check.scalars(), step)
+                    log(rank, check.line())
+                if over:
+                    engine = draw_ticket(search, engine, resolved, step, train.seq_len, args, rank)
+                    cfg, offset, search = engine.module.config, step, None
+            elif ckpt.due(step) and step < args.max_steps:
                 save()
             if signum := preemption.requested(engine.device):
-                save()
-                raise checkpoint.Preempted(signum, step, checkpoints / checkpoint.tag_for(step))
+                if search is None:
+                    save()
+                raise checkpoint.Preempted(signum, step, None if search else checkpoints / checkpoint.tag_for(step))
             progress.update(step, scalars)
-    if ckpt.newest() != checkpoint.tag_for(engine.global_steps):
+    last = offset + engine.global_steps
+    if ckpt.newest() != checkpoint.tag_for(last):
         save()
     if valid:
         scalars.update(evaluate(engine, valid, args.eval_batches))
-        engine.write_scalars({k: v for k, v in scalars.items() if k.startswith("eval/")}, engine.global_steps)
+        engine.write_scalars({k: v for k, v in scalars.items() if k.startswith("eval/")}, last)
         log(rank, "eval  " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k.startswith("eval/")))
-    log(rank, f"checkpoint: {checkpoints / checkpoint.tag_for(engine.global_steps)}")
+    log(rank, f"checkpoint: {checkpoints / checkpoint.tag_for(last)}")
     return scalars
+
+
+def draw_ticket(search: Any, engine: Any, resolved: dict[str, Any], step: int, seq_len: int,
+                args: argparse.Namespace, rank: int) -> Any:
+    """Prune to the ticket and return a fresh PLDEngine on the slim model (its step count starts at 0; the
+    loop adds the search's steps). The ticket's shapes go to OUTPUT/ticket.json, for resuming and export."""
+    from pld_ds.engine import PLDEngine
+
+    slim = search.draw(engine.module, seq_len=seq_len)
+    report = search.report
+    for line in report.lines():
+        log(rank, line)
+    engine.write_scalars(report.scalars(), step)
+    output = Path(args.output)
+    resolved["model"] = asdict(slim.config)
+    if rank == 0:
+        checkpoint.write_text_atomic(output / TICKET_FILE, json.dumps(asdict(slim.config), indent=2))
+        record = {"search_steps": step, "emergence_step": report.emergence_step, "weights": report.weights,
+                  "kept_heads": list(report.kept_heads), "kept_neurons": list(report.kept_neurons),
+                  "param_reduction": report.param_reduction, "flop_reduction": report.flop_reduction}
+        checkpoint.write_text_atomic(output / EARLYBERT_FILE, json.dumps(record, indent=2))
+        checkpoint.write_text_atomic(output / "run_config.json", json.dumps(resolved, indent=2))
+    engine.engine.destroy()
+    return PLDEngine(slim, args.deepspeed_config, seed=args.seed, output_dir=output)
 
 
 def train_scalars(engine: Any, losses: dict[str, torch.Tensor], samples_per_sec: float, cfg: BertConfig,
                   seq_len: int) -> dict[str, float]:
-    depth = engine.expected_depth() or cfg.num_layers
-    flops = metrics.training_flops_per_sequence(cfg, seq_len, 0.15 * seq_len, depth)
+    probs = pld.keep_probs(cfg.num_layers, engine.get_pld_theta())
+    flops = metrics.training_flops_per_sequence(cfg, seq_len, 0.15 * seq_len, probs)
     scalars = {f"train/{k}": v.item() for k, v in losses.items()}
     scalars.update(engine.pld_scalars())
     tflops = samples_per_sec * flops / 1e12  # all ranks together

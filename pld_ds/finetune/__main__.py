@@ -1,0 +1,3 @@
+from pld_ds.finetune.run import main
+
+main()
