@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -247,6 +248,14 @@ def _combine(parts: list[Path], out: Path) -> None:
     tmp.replace(out)
 
 
+# Rendezvous variables of this process (set when it is itself a rank): a one-process child must pick its own.
+_RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _child_env(launcher: bool) -> dict[str, str]:
+    return dict(os.environ) if launcher else {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+
+
 def run(args: argparse.Namespace) -> str:
     configs, plan = run_configs(args)
     out = Path(args.output)
@@ -257,7 +266,7 @@ def run(args: argparse.Namespace) -> str:
             config_path.write_text(json.dumps(configs[name], indent=2))
             cmd = pretrain_command(args, config_path, out / name, plan)
             print(f"pld-compare: {name}: {shlex.join(cmd)}", flush=True)
-            code = subprocess.call(cmd)
+            code = subprocess.call(cmd, env=_child_env(bool(args.launcher)))
             if code != 0:
                 raise UserError(f"{out / name}: the {name} run exited with status {code} (see its output above)")
     return report(args, plan)
