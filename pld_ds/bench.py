@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from pld_ds import metrics, pld
 from pld_ds.config import model_config
 from pld_ds.data.schema import IGNORE_INDEX
-from pld_ds.errors import UserError
+from pld_ds.errors import ArgumentParser, UserError, one_line_errors
 from pld_ds.model import BertConfig, BertForPreTraining
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "amp-bf16": torch.bfloat16}
@@ -208,7 +207,7 @@ def table(rows: list[Row]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pld-bench", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="pld-bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="preset or model JSON")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=8)
@@ -229,11 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with one_line_errors("pld-bench"):
         rows = run(args)
-    except UserError as err:
-        print(f"pld-bench: error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(table(rows), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))

@@ -28,22 +28,17 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from pld_ds.config import PLD_KEY, ConfigError, read_json, split_ds_config
-from pld_ds.errors import UserError
+from pld_ds.errors import ArgumentParser, UserError, one_line_errors
 
 RUNS = ("baseline", "pld")
 EVAL_TAG = "eval/mlm_loss"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="pld-compare", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="pld-compare", description=__doc__.split("\n")[0])
     p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, metavar="FILE",
                    help="DeepSpeed JSON for both runs (its PLD block is turned off for the baseline)")
     p.add_argument("--data", required=True, metavar="DIR", help="pld-prep output folder (train/ and validation/)")
@@ -274,11 +269,8 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with one_line_errors("pld-compare"):
         text = run(args)
-    except UserError as err:
-        print(f"pld-compare: error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(text)
     print(f"pld-compare: report in {Path(args.output) / 'report.md'}")
 

@@ -31,7 +31,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ import torch
 from pld_ds import checkpoint
 from pld_ds.config import ConfigError, model_config, read_json
 from pld_ds.data.schema import MANIFEST_NAME
-from pld_ds.errors import UserError
+from pld_ds.errors import ArgumentParser, UserError, one_line_errors
 from pld_ds.model import BertConfig, BertForPreTraining
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
@@ -560,7 +559,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, vocab: str | P
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pld-export", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="pld-export", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="run folder, checkpoints folder (with `latest`) or global_stepN folder")
     p.add_argument("output", help="folder to write (config.json, model.safetensors, vocab.txt, tokenizer files)")
     p.add_argument("--vocab", metavar="FILE", help="vocab.txt (default: the one in the manifest of the run's --data)")
@@ -575,14 +574,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with one_line_errors("pld-export", args.debug):
         out = export_checkpoint(args.checkpoint, args.output, vocab=args.vocab, lowercase=args.lowercase,
                                 model=args.model, dtype=DTYPES[args.dtype], overwrite=args.overwrite)
-    except UserError as err:
-        if args.debug:
-            raise
-        print(f"pld-export: error: {err}", file=sys.stderr)
-        sys.exit(2)
     record = json.loads((out / "pld_export.json").read_text())
     print(f"pld-export: wrote {out} ({HF_ARCHITECTURE}, step {record.get('global_step')}, "
           f"ZeRO stage {record.get('zero_stage')}, {args.dtype})")

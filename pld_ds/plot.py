@@ -5,14 +5,12 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pld_ds.errors import UserError
+from pld_ds.errors import ArgumentParser, UserError, one_line_errors
 
 Points = list[tuple[int, float]]
 Scalars = dict[str, Points]
@@ -195,18 +193,13 @@ def plot_runs(runs: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], o
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="pld-plot", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="pld-plot", description=__doc__.split("\n")[0])
     p.add_argument("run_dir", metavar="RUN_DIR", help="a pld-pretrain --output folder (or any folder of event files)")
     p.add_argument("--out", metavar="FILE.png", help="where to write the plot (default: RUN_DIR/plot.png)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = p.parse_args(argv)
-    try:
+    with one_line_errors("pld-plot", args.debug):
         out = plot_run(args.run_dir, args.out or Path(args.run_dir) / "plot.png")
-    except UserError as err:
-        if args.debug:
-            raise
-        print(f"pld-plot: error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(out)
 
 

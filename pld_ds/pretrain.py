@@ -13,7 +13,7 @@ import random
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from pld_ds.data import schema, shards
 from pld_ds.data.loader import ShardBatches
 from pld_ds.data.masking import DynamicMasking
 from pld_ds.data.shards import ShardError, find_shards
-from pld_ds.errors import UserError
+from pld_ds.errors import ArgumentParser, UserError, one_line_errors
 from pld_ds.model import BertConfig, BertForPreTraining
 from pld_ds.progress import Progress
 
@@ -34,13 +34,8 @@ TICKET_FILE = "ticket.json"  # the slim model's BertConfig, once EarlyBERT drew 
 EARLYBERT_FILE = "earlybert.json"  # the search's outcome: steps, emergence, what was kept
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")  # one line, no usage block
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="pld-pretrain", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="pld-pretrain", description=__doc__.split("\n")[0])
     p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, metavar="FILE",
                    help="DeepSpeed JSON, may hold a progressive_layer_drop block")
     p.add_argument("--data", required=True, metavar="DIR",
@@ -345,12 +340,8 @@ def train_scalars(engine: Any, losses: dict[str, torch.Tensor], samples_per_sec:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        run(args)
-    except UserError as err:
-        if args.debug:
-            raise
-        print(f"pld-pretrain: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        with one_line_errors("pld-pretrain", args.debug):
+            run(args)
     except checkpoint.Preempted as stop:
         print(f"pld-pretrain: {stop}", file=sys.stderr)
         sys.exit(128 + stop.signum)

@@ -106,3 +106,27 @@ def test_pld_compare_end_to_end_on_cpu(tmp_path, capsys):
     assert run_config["pld"]["enabled"] and not json.loads((out / "baseline" / "run_config.json").read_text())[
         "pld"]["enabled"]
     assert "pld-compare: report in" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_pld_compare_on_the_mini_preset_over_real_text(tmp_path):
+    """pld-prep on one real WikiExtractor file, then pld-compare with the mini preset on a tiny budget."""
+    from conftest import SHARED_DATA
+
+    from data_prep import cli as prep_cli
+
+    wiki = sorted((SHARED_DATA / "wiki").glob("*.txt"))
+    if not wiki:
+        pytest.skip("no ../shared/data/wiki here")
+    data = tmp_path / "shards"
+    assert prep_cli.main(["--input", str(wiki[0]), "--output", str(data), "--train-vocab", "2000",
+                          "--max-seq-length", "64", "--max-predictions-per-seq", "10", "--dupe-factor", "1",
+                          "--num-shards", "2", "--workers", "1", "--validation-fraction", "0.05"]) == 0
+    with torch_threads(1):
+        compare.main(["--deepspeed_config", str(REPO / "ds_configs" / "quickstart_cpu.json"), "--data", str(data),
+                      "--output", str(tmp_path / "out"), "--model", "mini", "--samples", str(32 * 6),
+                      "--eval-every", str(32 * 3), "--eval-batches", "2", "--pld-lr", "2e-3", "--gamma", "0.1"])
+    result = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [p["step"] for p in result["eval"]["pld"]] == [3, 6] == [p["step"] for p in result["eval"]["baseline"]]
+    assert result["lrs"] == {"baseline": 0.001, "pld": 0.002} and result["pld"]["gamma"] == 0.1
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# pld-compare: mini")

@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pld_ds.errors import UserError
+from pld_ds.errors import ArgumentParser, UserError, one_line_errors
 from pld_ds.finetune.glue import TASKS, Example, Task, get_task, read_split, task_metrics
 
 # -- models and tokenizers ------------------------------------------------------------------------
@@ -407,7 +406,7 @@ def _positive_float_list(text: str) -> list[float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pld-finetune", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="pld-finetune", description=__doc__.split("\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--init", metavar="CHECKPOINT", help="pld_ds run folder, checkpoints folder or global_stepN")
     source.add_argument("--hf", metavar="DIR", help="Hugging Face model folder (e.g. written by pld-export)")
@@ -473,13 +472,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[Ru
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with one_line_errors("pld-finetune", args.debug):
         run(args)
-    except UserError as err:
-        if args.debug:
-            raise
-        print(f"pld-finetune: error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
