@@ -10,7 +10,6 @@ checksum of the parameters. Rank 0 writes every rank's records (all_gather_objec
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -20,21 +19,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pld_helpers import load_ds_config, synthetic_batch, tiny_config  # noqa: E402
+from pld_helpers import checksum, load_ds_config, synthetic_batch, tiny_config  # noqa: E402
 
 from pld_ds import pld  # noqa: E402
 from pld_ds.engine import PLDEngine  # noqa: E402
 from pld_ds.model import BertForPreTraining  # noqa: E402
 
 THETA_BAR, GAMMA, SEED = 0.3, 0.5, 123
-
-
-def checksum(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, p in module.named_parameters():
-        digest.update(name.encode())
-        digest.update(p.detach().float().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def run(stage: int, steps: int, bf16: bool) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import hashlib
 import json
 import os
 import socket
@@ -52,6 +53,15 @@ def synthetic_batch(batch: int = 4, seq_len: int = 16, vocab: int = TINY_VOCAB, 
     token_type_ids = (torch.arange(seq_len)[None, :] >= (lengths[:, None] // 2)).long() * attention_mask
     return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
             "masked_lm_labels": labels, "next_sentence_labels": torch.randint(0, 2, (batch,), generator=g)}
+
+
+def checksum(module: torch.nn.Module) -> str:
+    """A digest of every parameter (names and values): replicas that agree have equal checksums."""
+    digest = hashlib.sha256()
+    for name, p in module.named_parameters():
+        digest.update(name.encode())
+        digest.update(p.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_ds_config(name: str = "tiny_cpu_pld.json") -> dict[str, Any]:

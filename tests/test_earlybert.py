@@ -7,7 +7,6 @@ Also the worker of the two-rank test: deepspeed --num_gpus 2 tests/test_earlyber
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 import torch
 from pld_helpers import (
     REPO,
+    checksum,
     child_env,
     console_script,
     free_port,
@@ -669,14 +669,6 @@ def test_search_and_slim_training_on_two_ranks_with_and_without_pld(tmp_path):
             assert any(len(layers) < 4 for layers in rank0["layers"])  # PLD dropped slim layers
         else:
             assert all(layers == [0, 1, 2, 3] for layers in rank0["layers"])
-
-
-def checksum(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, p in module.named_parameters():
-        digest.update(name.encode())
-        digest.update(p.detach().float().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def worker_run(use_pld: bool) -> dict:
