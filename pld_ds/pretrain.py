@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import random
 import sys
 from dataclasses import asdict
@@ -348,6 +350,17 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if dist.is_initialized():  # else NCCL warns at exit
             dist.destroy_process_group()
+        remove_cpu_allreduce_buffer()
+
+
+def remove_cpu_allreduce_buffer() -> None:
+    """DeepSpeed's CPU all-reduce maps a 69 MB buffer per rank in /dev/shm (named by user, master address,
+    port and rank) and never unlinks it: RAM lost until reboot, and a stale buffer a later run on the
+    same port could attach to. Each rank removes its own at exit (the others' mappings stay valid)."""
+    addr, port, rank = (os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
+    if addr and port and rank and not torch.cuda.is_available():
+        with contextlib.suppress(OSError):
+            (Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink()
 
 
 if __name__ == "__main__":

@@ -17,3 +17,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from pld_helpers import USED_PORTS, remove_shm_buffers
+
+    remove_shm_buffers(USED_PORTS)

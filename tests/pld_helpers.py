@@ -81,10 +81,28 @@ def child_env() -> dict[str, str]:
     return env
 
 
+# Master ports handed to multi-process runs: DeepSpeed's CPU all-reduce leaves a shared-memory buffer
+# per rank in /dev/shm named by address and port (69 MB each, never unlinked); conftest removes ours.
+USED_PORTS: list[int] = []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    USED_PORTS.append(port)
+    return port
+
+
+def remove_shm_buffers(ports: list[int], folder: Path = Path("/dev/shm")) -> int:
+    """Unlink DeepSpeed's CPU all-reduce buffers of these master ports; how many were removed."""
+    removed = 0
+    for port in ports:
+        for path in folder.glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def read_csv_scalar(path: Path) -> list[tuple[int, float]]:

@@ -8,7 +8,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pld_helpers import REPO, child_env, console_script, free_port, load_ds_config, read_csv_scalar, write_json
+from pld_helpers import (
+    REPO,
+    USED_PORTS,
+    child_env,
+    console_script,
+    free_port,
+    load_ds_config,
+    read_csv_scalar,
+    write_json,
+)
 from shard_fixtures import make_shard_dir
 
 from pld_ds import pld
@@ -54,6 +63,8 @@ def test_pretrain_on_two_ranks(tmp_path, data_dir, stage, bf16):
     assert read_csv_scalar(csv_dir / "train_pld_theta.csv") == [(s, pld.theta(s, 0.5, gamma)) for s in (2, 4)]
     eval_loss = read_csv_scalar(csv_dir / "eval_mlm_loss.csv")
     assert len(eval_loss) == 1 and math.isfinite(eval_loss[0][1])
+    # each rank removed DeepSpeed's CPU all-reduce buffer at exit
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{USED_PORTS[-1]}_*"))
     checkpoint = out / "checkpoints" / "global_step4"
     assert (out / "checkpoints" / "latest").read_text().strip() == "global_step4"
     # ZeRO writes one optimizer partition per rank
@@ -100,3 +111,13 @@ def test_zero_keeps_replicas_in_sync_when_layers_are_skipped(gates_run, stage):
     assert rank0["initial"] == rank1["initial"]
     assert rank0["final"] == rank1["final"]
     assert rank0["final"] != rank0["initial"]  # training changed the weights
+
+
+def test_shm_buffers_of_our_ports_are_removed(tmp_path):
+    from pld_helpers import remove_shm_buffers
+
+    (tmp_path / "deepspeed_allreduce_buffer_0_127.0.0.1_40001_0").write_bytes(b"x")
+    (tmp_path / "deepspeed_allreduce_buffer_0_127.0.0.1_40001_1").write_bytes(b"x")
+    (tmp_path / "deepspeed_allreduce_buffer_0_127.0.0.1_40002_0").write_bytes(b"x")  # not ours
+    assert remove_shm_buffers([40001], tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["deepspeed_allreduce_buffer_0_127.0.0.1_40002_0"]
