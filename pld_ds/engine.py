@@ -121,6 +121,11 @@ class PLDEngine:
         self.nonfinite_skipped, self._nonfinite_run = 0, 0
         e = self.engine
         self._own_grad_norm = not (e.fp16_enabled() or e.bfloat16_enabled() or e.zero_optimization())
+        self._zero3 = e.zero_optimization_stage() == 3 and self.pld.enabled
+        if self._zero3 and not hasattr(e.optimizer, "grad_partitions_flat_buffer"):
+            raise ConfigError(f"{self.config_source}: ZeRO stage 3 with progressive_layer_drop needs DeepSpeed's "
+                              "ZeRO-3 gradient buffer to clear the gradients of dropped layers, and this DeepSpeed "
+                              "has none; use ZeRO stage 1 or 2")
         self._grad_norm: torch.Tensor | None = None
         self.module.register_forward_pre_hook(self._inject_pld, with_kwargs=True)
 
@@ -181,7 +186,16 @@ class PLDEngine:
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self.engine.step()
+        if boundary and self._zero3:
+            self._clear_zero3_gradients()
         self._micro_step = 0 if boundary else self._micro_step + 1
+
+    def _clear_zero3_gradients(self) -> None:
+        """ZeRO-3 keeps every gradient partition in one flat buffer that a backward only overwrites for the
+        parameters it reached, and steps the whole buffer. A layer that PLD dropped for a whole step would
+        be stepped with the gradient of the last step it ran in (DeepSpeed 0.19.8; ZeRO 1 and 2 step it with a
+        zero gradient). Zeroing the buffer after each step makes ZeRO-3 match them: one memset per step."""
+        self.engine.optimizer.grad_partitions_flat_buffer.zero_()
 
     def train_batch(self, batches: Iterator[dict[str, torch.Tensor]], max_nonfinite: int = 0
                     ) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@
 
 For each ZeRO stage: a tiny BertForPreTraining in a PLDEngine, a few optimizer steps on different
 synthetic data per rank, recording which encoder layers ran and the loss at every step, then a
-checksum of the parameters. Rank 0 writes every rank's records (all_gather_object) as JSON.
+checksum of the parameters (gathered under ZeRO-3). Rank 0 writes every rank's records
+(all_gather_object) as JSON, and the final weights of each stage beside it (final_zeroS.pt).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import json
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pld_helpers import checksum, load_ds_config, synthetic_batch, tiny_config  # noqa: E402
+from pld_helpers import checksum_of, load_ds_config, synthetic_batch, tiny_config  # noqa: E402
 
 from pld_ds import pld  # noqa: E402
 from pld_ds.engine import PLDEngine  # noqa: E402
@@ -28,7 +30,14 @@ from pld_ds.model import BertForPreTraining  # noqa: E402
 THETA_BAR, GAMMA, SEED = 0.3, 0.5, 123
 
 
-def run(stage: int, steps: int, bf16: bool) -> dict:
+def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter in full on every rank (ZeRO-3 keeps only a partition of each)."""
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        return {name: p.detach().float().clone() for name, p in module.named_parameters()}
+
+
+def run(stage: int, steps: int, bf16: bool, out_dir: Path) -> dict:
     config = load_ds_config("tiny_cpu_pld.json")
     config.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1,
                   zero_optimization={"stage": stage}, bf16={"enabled": bf16})
@@ -41,7 +50,7 @@ def run(stage: int, steps: int, bf16: bool) -> dict:
     ran: list[int] = []
     for index, layer in enumerate(engine.module.encoder.layers):
         layer.register_forward_hook(lambda module, args, output, index=index: ran.append(index))
-    initial = checksum(engine.module)
+    initial = checksum_of(full_weights(engine.module))
     records = []
     for step in range(steps):
         ran.clear()
@@ -52,8 +61,11 @@ def run(stage: int, steps: int, bf16: bool) -> dict:
                     if kept]
         records.append({"step": step, "global_steps": engine.global_steps, "theta": theta_now, "layers": list(ran),
                         "expected_layers": expected, "loss": losses["loss"].item()})
+    final = full_weights(engine.module)
+    if rank == 0:
+        torch.save(final, out_dir / f"final_zero{stage}.pt")
     mine = {"rank": rank, "world": dist.get_world_size(), "records": records, "initial": initial,
-            "final": checksum(engine.module), "dtype": str(next(engine.module.parameters()).dtype)}
+            "final": checksum_of(final), "dtype": str(next(engine.module.parameters()).dtype)}
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     engine.engine.destroy()
@@ -68,7 +80,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1)  # passed by the launcher
     args = parser.parse_args()
-    results = [run(stage, args.steps, args.bf16) for stage in args.zero]
+    results = [run(stage, args.steps, args.bf16, Path(args.out).parent) for stage in args.zero]
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     dist.barrier()

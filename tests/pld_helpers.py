@@ -57,8 +57,12 @@ def synthetic_batch(batch: int = 4, seq_len: int = 16, vocab: int = TINY_VOCAB, 
 
 def checksum(module: torch.nn.Module) -> str:
     """A digest of every parameter (names and values): replicas that agree have equal checksums."""
+    return checksum_of(dict(module.named_parameters()))
+
+
+def checksum_of(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for name, p in module.named_parameters():
+    for name, p in tensors.items():
         digest.update(name.encode())
         digest.update(p.detach().float().contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()

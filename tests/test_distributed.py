@@ -1,4 +1,4 @@
-"""Two CPU ranks through DeepSpeed's launcher: ZeRO 1 and 2, and PLD gates that agree across ranks."""
+"""Two CPU ranks through DeepSpeed's launcher: ZeRO 1, 2 and 3, and PLD gates that agree across ranks."""
 
 from __future__ import annotations
 
@@ -78,15 +78,15 @@ def test_pretrain_on_two_ranks(tmp_path, data_dir, stage, bf16):
 def gates_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist_gates")
     out = tmp / "records.json"
-    proc = launch([str(REPO / "tests" / "dist_gates_worker.py"), "--out", str(out), "--zero", "1", "2",
+    proc = launch([str(REPO / "tests" / "dist_gates_worker.py"), "--out", str(out), "--zero", "1", "2", "3",
                    "--steps", "6"], tmp / "log.txt")
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), tmp
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_gates_agree_across_ranks(gates_run, stage):
-    result = next(r for r in gates_run if r["stage"] == stage)
+    result = next(r for r in gates_run[0] if r["stage"] == stage)
     ranks = sorted(result["ranks"], key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world"] == 2
     rec0, rec1 = ranks[0]["records"], ranks[1]["records"]
@@ -104,13 +104,28 @@ def test_gates_agree_across_ranks(gates_run, stage):
     assert len({tuple(r["layers"]) for r in rec0}) > 1
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_keeps_replicas_in_sync_when_layers_are_skipped(gates_run, stage):
-    result = next(r for r in gates_run if r["stage"] == stage)
+    result = next(r for r in gates_run[0] if r["stage"] == stage)
     rank0, rank1 = sorted(result["ranks"], key=lambda r: r["rank"])
     assert rank0["initial"] == rank1["initial"]
     assert rank0["final"] == rank1["final"]
     assert rank0["final"] != rank0["initial"]  # training changed the weights
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stages_train_the_same_weights_with_pld(gates_run, stage):
+    """Same data, seeds and gates: ZeRO-2 and ZeRO-3 (partitioned weights, gathered only for the layers that
+    run) end where ZeRO-1 does, up to the order of fp32 sums; layers skipped at some steps included."""
+    import torch
+
+    records = next(r for r in gates_run[0] if r["stage"] == 1)["ranks"][0]["records"]
+    assert any(len(r["layers"]) < 4 for r in records)
+    reference = torch.load(gates_run[1] / "final_zero1.pt")
+    weights = torch.load(gates_run[1] / f"final_zero{stage}.pt")
+    assert set(weights) == set(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_shm_buffers_of_our_ports_are_removed(tmp_path):
