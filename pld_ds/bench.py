@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pld_ds import metrics, pld
-from pld_ds.config import model_config
+from pld_ds.config import compile_backend, model_config
 from pld_ds.data.schema import IGNORE_INDEX
 from pld_ds.errors import ArgumentParser, UserError, one_line_errors
 from pld_ds.model import BertConfig, BertForPreTraining
@@ -69,9 +69,9 @@ def ds_config(
     under torch.autocast (DeepSpeed's torch_autocast block)."""
     fused = torch.cuda.is_available()
     if optimizer == "torch":
-        # torch's AdamW (fused on CUDA): no JIT build of DeepSpeed's ops.
+        # torch's AdamW (fused on CUDA, foreach elsewhere): no JIT build of DeepSpeed's ops.
         opt = {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01, "torch_adam": True,
-                                           **({"fused": True} if fused else {})}}
+                                           **({"fused": True} if fused else {"foreach": True})}}
     else:
         opt = {"type": "Adam", "params": {"lr": 1e-4, "weight_decay": 0.01, "adam_w_mode": True}}
     config: dict[str, Any] = {
@@ -118,7 +118,7 @@ def bench_pld_ds(
     torch.manual_seed(0)
     model = BertForPreTraining(cfg)
     if args.compile:
-        model.compile_layers()
+        model.compile_layers(backend=args.compile)
     engine = PLDEngine(model, ds_config(args.micro_batch, args.precision, zero_stage, theta, args.optimizer))
     batch = synthetic_batch(cfg, args.micro_batch, args.seq_len, engine.device)
 
@@ -216,7 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero", type=int, nargs="+", default=[0], choices=[0, 1, 2, 3], help="ZeRO stages")
     p.add_argument("--optimizer", choices=["torch", "deepspeed"], default="torch",
                    help="torch: torch AdamW (fused on CUDA); deepspeed: DeepSpeed's FusedAdam (JIT-built)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each encoder layer")
+    p.add_argument("--compile", nargs="?", const="inductor", type=compile_backend, metavar="BACKEND",
+                   help="torch.compile each encoder layer with BACKEND (default inductor)")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)

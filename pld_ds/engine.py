@@ -120,7 +120,19 @@ class PLDEngine:
         self._micro_step = 0  # micro-batch index inside the current accumulation window
         self.nonfinite_skipped, self._nonfinite_run = 0, 0
         e = self.engine
-        self._own_grad_norm = not (e.fp16_enabled() or e.bfloat16_enabled() or e.zero_optimization())
+        self._all_params = list(self.module.parameters())
+        self._params = [p for p in self._all_params if p.requires_grad]
+        # A plain torch optimizer (fp32 or bf16 autocast, no ZeRO): DeepSpeed clips one parameter at a time
+        # and keeps no norm. We clip with torch's foreach kernels instead, from the norm we log, and a
+        # single rank skips DeepSpeed's all-reduce of the gradients (flatten, no-op reduce, unflatten).
+        self._own_grad_norm = not (e.fp16_enabled() or e.bfloat16_enabled() or e.zero_optimization()
+                                   or getattr(e, "torch_autocast_z0_gradscaler", None) is not None)
+        self._clip = 0.0
+        if self._own_grad_norm:
+            self._clip, e._config.gradient_clipping = e.gradient_clipping(), 0.0
+            if getattr(e, "dp_world_size", None) == 1:
+                e.enable_backward_allreduce = False
+            e.zero_grad = self._zero_grad  # DeepSpeed's walks named_parameters() after every step
         self._zero3 = e.zero_optimization_stage() == 3 and self.pld.enabled
         if self._zero3 and not hasattr(e.optimizer, "grad_partitions_flat_buffer"):
             raise ConfigError(f"{self.config_source}: ZeRO stage 3 with progressive_layer_drop needs DeepSpeed's "
@@ -181,14 +193,21 @@ class PLDEngine:
     def step(self) -> None:
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary and self._own_grad_norm:
-            # DeepSpeed's fp16/bf16/ZeRO optimizers report the norm; with a plain torch optimizer it clips
-            # without keeping it. A tensor, so no sync here; read when logging.
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            # DeepSpeed's fp16/bf16/ZeRO optimizers report the norm. A tensor, so no sync here; read when logging.
+            for p in self._params:
+                if p.grad is None:  # a layer PLD dropped all window: a zero gradient, as DeepSpeed's all-reduce gives
+                    p.grad = torch.zeros_like(p)
+            self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._params]) if self._params else None
+            if self._params and self._clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(self._params, self._clip, self._grad_norm)
         self.engine.step()
         if boundary and self._zero3:
             self._clear_zero3_gradients()
         self._micro_step = 0 if boundary else self._micro_step + 1
+
+    def _zero_grad(self) -> None:
+        for p in self._all_params:
+            p.grad = None
 
     def _clear_zero3_gradients(self) -> None:
         """ZeRO-3 keeps every gradient partition in one flat buffer that a backward only overwrites for the

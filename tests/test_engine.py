@@ -351,3 +351,42 @@ def test_grad_norm_is_the_norm_before_clipping(tmp_path):
     scalars = engine.optimizer_scalars()
     assert scalars["train/grad_norm"] == pytest.approx(float(expected), rel=1e-5)
     assert float(expected) > 1e-3 and "train/loss_scale" not in scalars  # clipped hard, fp32: no loss scale
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp-bf16"])
+def test_engine_step_equals_a_plain_torch_loop(tmp_path, precision):
+    """The engine clips with torch's foreach kernels and skips DeepSpeed's one-rank all-reduce; the weights
+    must still be those of a plain loop: the same gates, loss / gradient_accumulation_steps, zero gradients
+    for dropped layers (what DeepSpeed's all-reduce gives them), clip at the boundary, AdamW."""
+    config = ds_config(gas=2, pld_block={"enabled": True, "theta": 0.3, "gamma": 0.5}, gradient_clipping=0.05)
+    config.pop("scheduler")
+    if precision == "amp-bf16":
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    engine = make_engine(tmp_path, model_cls=BertForPreTraining, config=config)
+    assert engine.engine.gradient_clipping() == 0.0  # the engine clips, not DeepSpeed
+    replica = BertForPreTraining(tiny_config(dropout=0.0))
+    replica.load_state_dict(engine.module.state_dict())
+    params = config["optimizer"]["params"]
+    opt = torch.optim.AdamW(replica.parameters(), lr=params["lr"], betas=params["betas"], eps=params["eps"],
+                            weight_decay=params["weight_decay"], foreach=True)
+    data = batches(8)
+    dropped = 0
+    for step in range(4):
+        for micro in range(2):
+            gen = pld.gate_generator(11, step, micro)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "amp-bf16"):
+                out = replica(**data[2 * step + micro], progressive_layer_drop=True,
+                              pld_theta=pld.theta(step, 0.3, 0.5), pld_generator=gen)
+            (out.loss / 2).backward()
+        for p in replica.parameters():
+            dropped += p.grad is None
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        norm = torch.nn.utils.clip_grad_norm_(replica.parameters(), 0.05)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        engine.train_batch(iter(data[2 * step: 2 * step + 2]))
+        assert float(engine.optimizer_scalars()["train/grad_norm"]) == pytest.approx(float(norm), rel=1e-5)
+        assert float(norm) > 0.05  # clipping was active
+    assert dropped  # some layer was dropped for a whole step
+    for (name, mine), theirs in zip(engine.module.state_dict().items(), replica.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=name)
