@@ -168,3 +168,15 @@ def _check_field_types(fields: dict[str, Any], source: str) -> None:
 def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
     """Embedding rows for a vocabulary, rounded up so the decoder GEMM stays tensor-core aligned."""
     return multiple * math.ceil(vocab_size / multiple)
+
+
+def compile_backend(name: str) -> str:
+    """argparse type of --compile: a torch.compile backend that this torch knows."""
+    import argparse
+
+    import torch._dynamo
+
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        raise argparse.ArgumentTypeError(f"unknown torch.compile backend {name!r}; expected one of "
+                                         f"{', '.join(torch._dynamo.list_backends())} (or a debug backend)")
+    return name

@@ -165,13 +165,20 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg, index)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep_prob: float = 1.0) -> torch.Tensor:
-        # A product rather than torch.add(alpha=...): a compiled layer then takes keep_prob as a graph
-        # input instead of recompiling for every new value of theta.
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep_prob: float = 1.0,
+                inv_keep_prob: torch.Tensor | None = None) -> torch.Tensor:
+        """inv_keep_prob: 1/keep_prob as a 0-dim tensor on x's device, which replaces keep_prob. A compiled
+        layer is given that: one graph serves every value of theta, with no guard on it and no host scalar."""
         attn = self.attn(self.attn_norm(x), attn_mask)
-        x = x + (attn if keep_prob == 1.0 else attn * (1.0 / keep_prob))
+        x = self._residual(x, attn, keep_prob, inv_keep_prob)
         ffn = self.ffn(self.ffn_norm(x))
-        return x + (ffn if keep_prob == 1.0 else ffn * (1.0 / keep_prob))
+        return self._residual(x, ffn, keep_prob, inv_keep_prob)
+
+    @staticmethod
+    def _residual(x: torch.Tensor, out: torch.Tensor, keep_prob: float, inv: torch.Tensor | None) -> torch.Tensor:
+        if inv is not None:
+            return x + out * inv
+        return x + out if keep_prob == 1.0 else torch.add(x, out, alpha=1.0 / keep_prob)
 
 
 class Encoder(nn.Module):
@@ -180,20 +187,26 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.activation_checkpointing = cfg.activation_checkpointing
+        self.compiled = False  # set by BertForPreTraining.compile_layers
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None, gates: list[tuple[bool, float]] | None = None
     ) -> tuple[torch.Tensor, int]:
+        inv: list[torch.Tensor | None] = [None] * len(self.layers)
         if gates is None:
             gates = [(True, 1.0)] * len(self.layers)
+        elif self.compiled:
+            # Compiled layers take 1/p as a device tensor: one small copy per forward, and one graph for PLD
+            # training whatever theta is.
+            inv = list(torch.tensor([1.0 / p for _, p in gates]).to(x.device, non_blocking=True).unbind())
         layers_run = 0
-        for layer, (kept, keep_prob) in zip(self.layers, gates, strict=True):
+        for layer, (kept, keep_prob), inv_p in zip(self.layers, gates, inv, strict=True):
             if not kept:
                 continue  # identity: no kernel runs, no gradient reaches this layer
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, attn_mask, keep_prob, use_reentrant=False)
+                x = checkpoint(layer, x, attn_mask, keep_prob, inv_p, use_reentrant=False)
             else:
-                x = layer(x, attn_mask, keep_prob)
+                x = layer(x, attn_mask, keep_prob, inv_p)
             layers_run += 1
         return self.final_norm(x), layers_run
 
@@ -231,10 +244,12 @@ class BertForPreTraining(nn.Module):
             nn.init.normal_(layer.ffn.fc2.weight, std=residual_std)
 
     def compile_layers(self, **compile_kwargs: Any) -> BertForPreTraining:
-        """torch.compile each encoder layer on its own: the Python loop that skips dropped layers
-        stays eager, and a layer compiles twice at most (keep_prob 1 and any other value)."""
+        """torch.compile each encoder layer on its own: the Python loop that skips dropped layers stays
+        eager. The layers share their graphs: one for PLD training (1/p a tensor input), one for training
+        without PLD, one for evaluation."""
         for layer in self.encoder.layers:
             layer.compile(**compile_kwargs)
+        self.encoder.compiled = True
         return self
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pld_ds import checkpoint, earlybert, metrics, pld
-from pld_ds.config import ConfigError, model_config, padded_vocab_size, read_json, split_ds_config
+from pld_ds.config import ConfigError, compile_backend, model_config, padded_vocab_size, read_json, split_ds_config
 from pld_ds.data import schema, shards
 from pld_ds.data.loader import ShardBatches
 from pld_ds.data.masking import DynamicMasking
@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bin-by-length", action="store_true",
                    help="batch samples of similar length and cut each batch to its longest (less compute on padding)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each kept layer in backward")
+    p.add_argument("--compile", nargs="?", const="inductor", type=compile_backend, metavar="BACKEND",
+                   help="torch.compile each encoder layer with BACKEND (default inductor); dropped layers are "
+                        "still skipped, and theta's changes cause no recompiles")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
     args = p.parse_args(argv)
@@ -229,6 +232,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     elif eb.enabled:
         cfg, target = dataclasses.replace(cfg, slimming=True), None
     model = BertForPreTraining(cfg)
+    if args.compile:
+        model.compile_layers(backend=args.compile)
     search = earlybert.TicketSearch(model, eb) if eb.enabled and not slim_resume else None
     engine = PLDEngine(model, args.deepspeed_config, seed=args.seed, output_dir=output)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -318,6 +323,8 @@ def draw_ticket(search: Any, engine: Any, resolved: dict[str, Any], step: int, s
         checkpoint.write_text_atomic(output / EARLYBERT_FILE, json.dumps(record, indent=2))
         checkpoint.write_text_atomic(output / "run_config.json", json.dumps(resolved, indent=2))
     engine.engine.destroy()
+    if args.compile:
+        slim.compile_layers(backend=args.compile)
     return PLDEngine(slim, args.deepspeed_config, seed=args.seed, output_dir=output)
 
 

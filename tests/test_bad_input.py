@@ -548,6 +548,11 @@ def test_pretrain_bad_flag_is_one_line(tmp_path: Path, capsys: Capsys) -> None:
     assert_names(line, "--vocab-size", "'many'")
 
 
+def test_pretrain_unknown_compile_backend_is_one_line(tmp_path: Path, capsys: Capsys) -> None:
+    assert_names(pretrain_error(capsys, [*pretrain_args(tmp_path), "--compile", "nope"]), "--compile", "'nope'",
+                 "inductor")
+
+
 def test_pretrain_negative_vocab_size_names_the_flag(tmp_path: Path, data: Path, capsys: Capsys) -> None:
     assert_names(pretrain_error(capsys, [*pretrain_args(tmp_path), "--vocab-size", "-5"]), "--vocab-size")
 

@@ -338,3 +338,26 @@ def test_wandb_block_logs_our_scalars_offline(tmp_path):
     (records,) = run_dir.glob("run-*.wandb")
     for tag in (b"train/pld_theta", b"train/expected_depth", b"train/loss", b"eval/mlm_loss"):
         assert tag in records.read_bytes(), tag
+
+
+def test_compiled_layers_train_like_eager_layers(tmp_path):
+    """--compile BACKEND (aot_eager here: dynamo's graph capture without inductor's code generation, which
+    takes minutes on CPU): the same losses as the eager run, step for step, with PLD dropping layers."""
+    from pld_helpers import torch_threads
+
+    from pld_ds import pld, pretrain
+
+    data = make_shard_dir(tmp_path / "data")
+    config = config_with(tmp_path, "fast_decay.json", set_pld("gamma", 1.0))
+    common = ["--deepspeed_config", str(config), "--data", str(data), "--model", "tiny", "--log-interval", "1",
+              "--max-steps", "4", "--eval-batches", "1", "--seed", "42"]
+    gates = [pld.sample_gates(4, pld.theta(step, 0.5, 1.0), pld.gate_generator(42, step, 0)) for step in range(4)]
+    assert any(not kept for step in gates for kept, _ in step)
+    losses = {}
+    with torch_threads(1):
+        for name, extra in (("eager", []), ("compiled", ["--compile", "aot_eager"])):
+            pretrain.run(pretrain.parse_args([*common, "--output", str(tmp_path / name), *extra]))
+            losses[name] = read_csv_scalar(tmp_path / name / "csv" / "run" / "train_loss.csv")
+    assert [s for s, _ in losses["compiled"]] == [1, 2, 3, 4]
+    for (_, eager), (_, compiled) in zip(losses["eager"], losses["compiled"], strict=True):
+        assert compiled == pytest.approx(eager, rel=1e-5)

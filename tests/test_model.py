@@ -225,6 +225,43 @@ def test_layer_rescales_sublayer_outputs_by_one_over_p(keep_prob):
         assert torch.allclose(unscaled, mid1 + layer.ffn(layer.ffn_norm(mid1)), atol=1e-6)
 
 
+def test_layer_takes_one_over_p_as_a_tensor():
+    cfg = tiny_config(dropout=0.0)
+    layer = randomized_layer(cfg).eval()
+    x = torch.randn(2, 8, cfg.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, None, 1.0, torch.tensor(1 / 0.4)), layer(x, None, 0.4))
+
+
+def test_compiled_layers_train_like_eager_layers_with_one_graph_for_every_theta(batch):
+    """compile_layers (here with dynamo's aot_eager backend: the graph capture without inductor's code
+    generation): the loss and every gradient equal the eager model's under the same gates, and PLD
+    training at any theta, the first step's theta = 1 included, reuses one captured graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = tiny_model(seed=3), tiny_model(seed=3).compile_layers(backend="aot_eager")
+    graphs = []
+    for step, theta_now in enumerate([1.0, 0.8, 0.55, 0.5]):
+        grads = []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            out = model(**batch, progressive_layer_drop=True, pld_theta=theta_now,
+                        pld_generator=pld.gate_generator(0, step, 0))
+            out.loss.backward()
+            grads.append((out.loss.detach(), out.layers_run,
+                          {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        (loss_e, run_e, grad_e), (loss_c, run_c, grad_c) = grads
+        assert run_e == run_c and loss_c.item() == pytest.approx(loss_e.item(), rel=1e-6)
+        assert grad_e.keys() == grad_c.keys()
+        for name, grad in grad_e.items():
+            torch.testing.assert_close(grad_c[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 1, 1, 1]
+    assert not counters["recompiles"]
+
+
 # -- heads and losses -----------------------------------------------------------------------------
 
 
