@@ -3,9 +3,9 @@ keep any device busy, so what is timed is Python, kernel launches and DeepSpeed'
 
     python bench/host_overhead.py [--layers 12] [--precision fp32 amp-bf16] [--theta 1 0.5]
 
-The model has BERT-base's parameter structure (12 layers, 16 tensors each) at width 32. On a GPU a step
-whose host time exceeds its kernel time is host-bound, and then no kernel fusion and no dropped layer
-makes it faster: this is the part of the engine's step that a GPU cannot hide. Rows: milliseconds per
+The model has BERT-base's parameter structure (12 layers of 12 tensors, 160 in all) at width 32. On a
+GPU a step whose host time exceeds its kernel time is host-bound, and then no kernel fusion and no
+dropped layer makes it faster: this is the part of the engine's step that a GPU cannot hide. Rows: milliseconds per
 step, median of repeats, and the ratio to the plain loop of the same precision.
 """
 
