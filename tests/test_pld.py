@@ -170,9 +170,10 @@ def test_rescale_uses_the_sampled_probability(monkeypatch):
     original = model_module.Layer.forward
     calls = []
 
-    def spy(self, x, attn_mask, keep_prob=1.0):
+    def spy(self, x, attn_mask, keep_prob=1.0, inv_keep_prob=None):
+        assert inv_keep_prob is None  # eager layers: the float
         calls.append((self, keep_prob))
-        return original(self, x, attn_mask, keep_prob)
+        return original(self, x, attn_mask, keep_prob, inv_keep_prob)
 
     monkeypatch.setattr(model_module.Layer, "forward", spy)
     index_of = {id(layer): i for i, layer in enumerate(model.encoder.layers)}
