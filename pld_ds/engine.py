@@ -125,10 +125,10 @@ class PLDEngine:
         # A plain torch optimizer (fp32 or bf16 autocast, no ZeRO): DeepSpeed clips one parameter at a time
         # and keeps no norm. We clip with torch's foreach kernels instead, from the norm we log, and a
         # single rank skips DeepSpeed's all-reduce of the gradients (flatten, no-op reduce, unflatten).
-        self._own_grad_norm = not (e.fp16_enabled() or e.bfloat16_enabled() or e.zero_optimization()
+        self._plain_optimizer = not (e.fp16_enabled() or e.bfloat16_enabled() or e.zero_optimization()
                                    or getattr(e, "torch_autocast_z0_gradscaler", None) is not None)
         self._clip = 0.0
-        if self._own_grad_norm:
+        if self._plain_optimizer:
             self._clip, e._config.gradient_clipping = e.gradient_clipping(), 0.0
             if getattr(e, "dp_world_size", None) == 1:
                 e.enable_backward_allreduce = False
@@ -192,10 +192,10 @@ class PLDEngine:
 
     def step(self) -> None:
         boundary = self.engine.is_gradient_accumulation_boundary()
-        if boundary and self._own_grad_norm:
+        if boundary and self._plain_optimizer:
             # DeepSpeed's fp16/bf16/ZeRO optimizers report the norm. A tensor, so no sync here; read when logging.
             for p in self._params:
-                if p.grad is None:  # a layer PLD dropped all window: a zero gradient, as DeepSpeed's all-reduce gives
+                if p.grad is None:  # a layer PLD dropped in every micro-batch: zero, as DeepSpeed's all-reduce made it
                     p.grad = torch.zeros_like(p)
             self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._params]) if self._params else None
             if self._params and self._clip > 0:
@@ -263,7 +263,7 @@ class PLDEngine:
         """Gradient norm of the last step (DeepSpeed computes it when gradient_clipping is set) and, with fp16,
         the dynamic loss scale."""
         scalars = {}
-        norm = self._grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
+        norm = self._grad_norm if self._plain_optimizer else self.engine.get_global_grad_norm()
         if norm is not None:
             scalars["train/grad_norm"] = float(norm)
         if self.engine.fp16_enabled():
