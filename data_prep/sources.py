@@ -13,20 +13,19 @@ Formats (auto-detected per file unless ``--input-format`` says otherwise):
 * ``plain``: blank lines separate documents, every other line is a sentence or paragraph (the format
   of google-research/bert's ``sample_text.txt``).
 * ``jsonl``: one JSON object per line, the document in the ``--text-key`` field.
-* ``wikixml``: a raw Wikipedia ``pages-articles`` dump (``.xml`` or ``.xml.bz2``), article pages
-  only, markup stripped with the optional ``mwparserfromhell`` package.
+* ``wikixml``: a raw Wikipedia ``pages-articles`` dump (``.xml`` or ``.xml.bz2``): the running text
+  of article pages, rendered from mwparserfromhell's parse tree (``data_prep/wiki.py``; the
+  optional ``pld_ds[wiki]`` extra).
 * ``parquet``: the ``--text-key`` column, read with the optional ``pyarrow`` package.
 """
 
 from __future__ import annotations
 
-import bz2
 import codecs
 import html
 import json
 import os
 import re
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,42 +309,10 @@ def _read_jsonl(path: Path, stats: SourceStats, text_key: str) -> Iterator[str]:
 
 
 def _read_wikixml(path: Path, stats: SourceStats, _text_key: str) -> Iterator[str]:
-    try:
-        import mwparserfromhell
-    except ImportError as e:
-        raise PrepError(
-            f"{path}: reading a Wikipedia XML dump needs the optional package mwparserfromhell "
-            "(pip install mwparserfromhell)"
-        ) from e
+    from data_prep import wiki  # needs the optional mwparserfromhell, checked when a dump is read
+
     stats.bytes += path.stat().st_size
-    opener = bz2.open if path.name.lower().endswith(".bz2") else open
-    try:
-        with opener(path, "rb") as f:
-            root = None
-            for event, elem in ET.iterparse(f, events=("start", "end")):
-                if root is None:
-                    root = elem
-                if event != "end" or _local(elem.tag) != "page":
-                    continue
-                children = {_local(c.tag): c for c in elem}
-                ns = children.get("ns")
-                revision = children.get("revision")
-                text_elem = None
-                if revision is not None:
-                    text_elem = next((c for c in revision if _local(c.tag) == "text"), None)
-                is_article = ns is None or (ns.text or "").strip() == "0"
-                if is_article and "redirect" not in children and text_elem is not None:
-                    wikitext = text_elem.text or ""
-                    plain = mwparserfromhell.parse(wikitext).strip_code()
-                    yield _join_paragraphs(plain.splitlines())
-                # Dropping finished pages keeps memory flat on multi-gigabyte dumps.
-                root.clear()
-    except (ET.ParseError, OSError, EOFError) as e:
-        raise PrepError(f"{path}: not a readable Wikipedia XML dump ({e})") from e
-
-
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
+    yield from wiki.read_dump(path)
 
 
 def _read_parquet(path: Path, stats: SourceStats, text_key: str) -> Iterator[str]:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with a CPU build of torch and this project (idempotent). PYTHON picks the interpreter.
+# Creates .venv with a CPU build of torch and this project with its extras (idempotent). PYTHON picks the
+# interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -7,4 +8,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -r requirements.txt "$@"
-.venv/bin/python -m pip install -q --no-deps -e .
+# The extras: wiki (Wikipedia XML dumps), parquet and hf (export, Hugging Face comparisons).
+.venv/bin/python -m pip install -q -e ".[wiki,parquet,hf]" torch==2.13.0

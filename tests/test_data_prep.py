@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import bz2
 import json
 import os
-import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import h5py
@@ -206,27 +203,6 @@ Second line of the article text.</text></revision></page>
 <revision><text>A talk page, which is not an article at all.</text></revision></page>
 </mediawiki>
 """
-
-
-def test_wikipedia_xml_dump_keeps_articles_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A stand-in for mwparserfromhell (an optional dependency): strips links and bold quotes.
-    stub = types.ModuleType("mwparserfromhell")
-
-    class Wikicode:
-        def __init__(self, text: str) -> None:
-            self.text = text
-
-        def strip_code(self) -> str:
-            return re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", self.text).replace("'''", "")
-
-    stub.parse = Wikicode  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "mwparserfromhell", stub)
-    path = tmp_path / "enwiki-pages-articles.xml.bz2"
-    path.write_bytes(bz2.compress(WIKI_XML.encode("utf-8")))
-    assert sources.detect_format(path) == "wikixml"
-    docs, stats = docs_of(path)
-    assert docs == ["Kalo is a toru sane.\n\nSecond line of the article text."]
-    assert stats.bytes == path.stat().st_size
 
 
 def test_missing_optional_readers_are_one_line_errors(
