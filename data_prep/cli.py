@@ -156,6 +156,24 @@ def _report(summary: Summary, output: Path) -> None:
         )
 
 
+def _contents(folder: Path) -> set[str] | None:
+    """Names in the output folder before the run; None when there is no folder yet."""
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else None
+
+
+def _left_behind(folder: Path, before: set[str] | None) -> str:
+    """The end of a failed run's error line: what it left in the output folder, how to go on or clean up."""
+    if not folder.is_dir():
+        return ""
+    new = [p for p in folder.iterdir() if before is None or p.name not in before]
+    made = sorted(p.name + ("/" if p.is_dir() else "") for p in new)
+    if not made:
+        return ""
+    clean = f"rm -r {folder}" if before is None else "remove " + " ".join(str(folder / name) for name in made)
+    return (f"; this run left {', '.join(made)} in {folder}: a re-run reuses the finished work that still matches "
+            f"its arguments; to clean up, {clean}")
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -165,11 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A scheduler's SIGTERM gets the same clean stop as Ctrl-C: no half files, resumable.
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
+    before = _contents(args.output)
     try:
         cfg = _config(args)
         summary = run(cfg, log=eprint)
     except PrepError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}{_left_behind(args.output, before)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; finished batches and shards are kept and a re-run resumes", file=sys.stderr)

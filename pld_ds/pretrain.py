@@ -13,6 +13,7 @@ import json
 import os
 import random
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pld_ds import checkpoint, earlybert, metrics, pld
+from pld_ds import checkpoint, earlybert, metrics, pld, startup
 from pld_ds.config import ConfigError, compile_backend, model_config, padded_vocab_size, read_json, split_ds_config
 from pld_ds.data import schema, shards
 from pld_ds.data.loader import ShardBatches
@@ -102,7 +103,14 @@ def data_vocabulary(data: str, override: int | None) -> tuple[int, DynamicMaskin
     size = vocab.get("size") if isinstance(vocab, dict) else None
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ConfigError(f"{manifest}: vocab.size: expected a positive integer, got {size!r}")
-    size = override or size
+    if override is not None and override != size:
+        if override < size:
+            raise ConfigError(f"--vocab-size {override}: smaller than the shards' vocabulary ({manifest}: vocab.size "
+                              f"{size}), whose token ids reach {size - 1}; leave out --vocab-size to use {size}")
+        startup.warn("pld-pretrain", f"--vocab-size {override} overrides {manifest}'s vocab.size {size}: the "
+                     f"{override - size} extra embedding rows never see a token, and an export pairs them with the "
+                     f"{size}-token vocab.txt; leave out --vocab-size to use {size}")
+        size = override
     vocab_file = Path(data) / vocab["file"] if isinstance(vocab.get("file"), str) else None
     if vocab_file is None or not vocab_file.is_file():
         return size, None
@@ -181,12 +189,20 @@ def resume_from(engine: Any, resume: str, target: tuple[Path, str], train: Shard
         client = engine.load_checkpoint(*target)
     except (AssertionError, RuntimeError, KeyError, ValueError, OSError) as err:
         # DeepSpeed asserts on a checkpoint of another ZeRO stage or world size; torch on other shapes.
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"--resume {resume}: {path} does not fit this model and config ({reason[:300]})") from err
+        raise UserError(f"--resume {resume}: {path} does not fit this model and config ({load_failure(err)})") from err
     if client is None:
         raise UserError(f"--resume {resume}: no loadable checkpoint in {path}")
     train.load_state_dict(client["data"])
     set_rng_state(client["rng"])
+
+
+def load_failure(err: BaseException, shown: int = 2) -> str:
+    """The cause of a failed load on one line. torch's load_state_dict names each tensor and its two shapes on the
+    lines after a header, so the header alone says nothing: keep it with the first `shown` problems."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    head, problems = lines[0], [line[:300] for line in lines[1:]]
+    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+    return " ".join([head[:300], *problems[:shown]]) + more
 
 
 def log(rank: int, line: str) -> None:
@@ -202,13 +218,24 @@ def warn_skipped(rank: int, batches: ShardBatches, total: int) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
+    """Train; a run that fails before its first step leaves its output folder as it found it."""
+    with startup.FreshOutputs(Path(args.output), restore=("run_config.json",), enabled=startup.is_rank0()) as outputs:
+        return _run(args, outputs)
+
+
+def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, float]:
     # Every input is checked before the model is built, so a typo costs a second, not a start-up.
-    split_ds_config(args.deepspeed_config)
+    ds_config, _, source = split_ds_config(args.deepspeed_config)
+    on_cpu = startup.runs_on_cpu()
+    startup.check_precision(ds_config, source, on_cpu)
+    for warning in startup.schedule_warnings(ds_config, source, args.max_steps):
+        startup.warn("pld-pretrain", warning)
     eb = earlybert.EarlyBertConfig.from_ds_config(args.deepspeed_config)
     train_paths, eval_paths = data_folders(args.data, args.eval_data)
     vocab_size, masking = data_vocabulary(args.data, args.vocab_size)
     cfg = model_config(args.model, vocab_size=padded_vocab_size(vocab_size),
                        activation_checkpointing=args.activation_checkpointing or None)
+    startup.say("pld-pretrain", f"checking {len(train_paths)} training shards")
     infos, _ = shards.inspect_paths(train_paths, args.skip_bad_shards)
     seq_len = shards.check_seq_len(infos)[0].seq_len
     if seq_len > cfg.max_position_embeddings:
@@ -220,6 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     output = Path(args.output)
     checkpoints = output / "checkpoints"
     target = resume_target(args.resume, checkpoints)
+    startup.quiet_deepspeed()
     from pld_ds.engine import PLDEngine  # imports deepspeed (seconds): after the input checks
 
     # EarlyBERT: search (slimming coefficients, no checkpoints), then the slim model from step `offset` on.
@@ -235,7 +263,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     if args.compile:
         model.compile_layers(backend=args.compile)
     search = earlybert.TicketSearch(model, eb) if eb.enabled and not slim_resume else None
-    engine = PLDEngine(model, args.deepspeed_config, seed=args.seed, output_dir=output)
+    startup.say("pld-pretrain", f"starting DeepSpeed{' on its CPU accelerator (no GPU found)' if on_cpu else ''}; "
+                "its first start on a machine compiles its ops, which can take minutes")
+    started = time.perf_counter()
+    with startup.without_noise():
+        engine = PLDEngine(model, args.deepspeed_config, seed=args.seed, output_dir=output)
+    startup.say("pld-pretrain", f"DeepSpeed started in {time.perf_counter() - started:.0f} s")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard_args = dict(micro_batch=engine.micro_batch_size, vocab_size=vocab_size, rank=rank, world_size=world,
                       masking=masking, skip_bad_shards=args.skip_bad_shards)
@@ -247,6 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         warn_skipped(rank, valid, len(eval_paths))
     if target is not None:
         resume_from(engine, args.resume, target, train)
+    outputs.watch(lambda: offset + engine.global_steps)  # from here on, a failure keeps what the run wrote
     resolved = {"args": {k: v for k, v in vars(args).items() if k != "local_rank"}, "model": asdict(cfg),
                 "pld": asdict(engine.pld), "deepspeed": engine.ds_config}
     if rank == 0:
@@ -275,7 +309,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                 line = f"step {step:>6}  " + "  ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in scalars.items())
                 progress.write(line if progress.interactive else f"{line}  {progress.status()}")
             if valid and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
-                engine.write_scalars(evaluate(engine, valid, args.eval_batches), step)
+                results = evaluate(engine, valid, args.eval_batches)
+                engine.write_scalars(results, step)
+                progress.write(f"eval   {step:>6}  " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in results.items()))
             if search is not None:
                 over = search.observe(step, engine.module)
                 if (check := search.check_at(step)) is not None:

@@ -382,9 +382,14 @@ ENGINE_CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
 
 
 @pytest.fixture(scope="module")
-def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, str]]:
+def engine_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engine_errors")
+
+
+@pytest.fixture(scope="module")
+def engine_runs(engine_root: Path) -> dict[str, tuple[int, str, str]]:
     """Every case at once, as `python -m pld_ds.pretrain` (each spends seconds importing and starting DeepSpeed)."""
-    tmp = tmp_path_factory.mktemp("engine_errors")
+    tmp = engine_root
     data = make_shard_dir(tmp / "data", shard_sizes=(16, 16), seq_len=32, max_pred=5)
     bad = make_shard_dir(tmp / "bad_data", shard_sizes=(16, 16), seq_len=32, max_pred=5)
     edit_shard(bad / "train" / "train_00001.hdf5", set_value("input_ids", (9, 4), VOCAB_SIZE + 7))
@@ -395,6 +400,12 @@ def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int
                              "--max-steps", "20")
         procs[name] = subprocess.Popen([sys.executable, "-m", "pld_ds.pretrain", *args], cwd=REPO, env=child_env(),
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # and one run that works, for what start-up prints
+    make_shard_dir(tmp / "good_data", shard_sizes=(16, 16), seq_len=32, max_pred=5, validation=16)
+    args = pretrain_args(tmp / "good_run", GOOD_CONFIG, tmp / "good_data", "tiny", "--max-steps", "2",
+                         "--log-interval", "1", "--eval-interval", "1", "--eval-batches", "1")
+    procs["good_run"] = subprocess.Popen([sys.executable, "-m", "pld_ds.pretrain", *args], cwd=REPO, env=child_env(),
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     results = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
@@ -404,12 +415,31 @@ def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ENGINE_CASES)
-def test_rejected_through_the_engine(name: str, engine_runs: dict[str, tuple[int, str, str]]) -> None:
+def test_rejected_through_the_engine(name: str, engine_runs: dict[str, tuple[int, str, str]], engine_root: Path
+                                     ) -> None:
     code, out, err = engine_runs[name]
     line = error_line(code, out, err, "pld-pretrain")
     assert_names(line, *ENGINE_CASES[name][1])
     if name != "bad_token_in_a_shard":
         assert_names(line, f"{name}.json")
+    # DeepSpeed's monitors had created csv/ and an events file, and run_config.json was written: all gone
+    assert not (engine_root / name / "out").exists()
+
+
+@pytest.mark.slow
+def test_startup_says_what_it_does_once(engine_runs: dict[str, tuple[int, str, str]]) -> None:
+    code, out, err = engine_runs["good_run"]
+    assert code == 0, err[-3000:]
+    lines = (out + err).splitlines()
+    for said in ("pld-pretrain: checking 2 training shards",
+                 "pld-pretrain: starting DeepSpeed on its CPU accelerator (no GPU found)",
+                 "pld-pretrain: DeepSpeed started in "):
+        assert sum(line.startswith(said) for line in lines) == 1, (said, lines)
+    # evaluations at --eval-interval reach the console, not only TensorBoard (step 2 is the final one)
+    evals = [line.split()[:2] for line in lines if line.startswith("eval ")]
+    assert evals == [["eval", "1"], ["eval", "eval/mlm_loss"]], lines
+    for noise in ("Setting accelerator to CPU", "before it has started", "built successfully"):
+        assert not [line for line in lines if noise in line], noise
 
 
 # -- pld-prep --------------------------------------------------------------------------------------
@@ -466,7 +496,16 @@ def test_prep_input_missing_or_empty(prep_inputs: PrepInputs, tmp_path: Path, ca
     assert_names(prep_error(capsys, prep_args(missing, vocab, tmp_path / "o1")), "--input", missing, "no such file")
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
-    assert_names(prep_error(capsys, prep_args(empty, vocab, tmp_path / "o2")), "--input", empty, "no documents")
+    line = prep_error(capsys, prep_args(empty, vocab, tmp_path / "o2"))
+    assert_names(line, "--input", empty, "no documents")
+    # it got as far as copying the vocabulary and making its work folder, and says so
+    assert_names(line, f"this run left .pld-prep-work/, vocab.txt in {tmp_path / 'o2'}", "a re-run reuses",
+                 f"to clean up, rm -r {tmp_path / 'o2'}")
+    (tmp_path / "o4").mkdir()
+    (tmp_path / "o4" / "notes.txt").write_text("mine")
+    line = prep_error(capsys, prep_args(empty, vocab, tmp_path / "o4"))  # a folder of the user's: only ours goes
+    assert_names(line, "this run left .pld-prep-work/, vocab.txt in", f"remove {tmp_path / 'o4' / '.pld-prep-work/'} ")
+    assert "notes.txt" not in line
     folder = tmp_path / "empty_folder"
     folder.mkdir()
     assert_names(prep_error(capsys, prep_args(folder, vocab, tmp_path / "o3")), folder, "no input files")
@@ -566,6 +605,157 @@ def test_manifest_vocab_file_not_utf8(tmp_path: Path, data: Path, capsys: Capsys
 def test_negative_initializer_range(tmp_path: Path, data: Path, capsys: Capsys) -> None:
     path = write_json(tmp_path / "model.json", {"initializer_range": -0.02})
     assert_names(pretrain_error(capsys, pretrain_args(tmp_path, model=str(path))), path, "initializer_range")
+
+
+# -- errors and warnings a user met, before DeepSpeed starts and around it ---------------------------
+
+
+def test_manifest_vocab_larger_than_vocab_size_flag_is_an_error(tmp_path: Path, data: Path, capsys: Capsys) -> None:
+    """Shards of a 100-token vocab with --vocab-size 50: token ids beyond the embedding."""
+    line = pretrain_error(capsys, [*pretrain_args(tmp_path), "--vocab-size", str(VOCAB_SIZE // 2)])
+    assert_names(line, f"--vocab-size {VOCAB_SIZE // 2}", data / schema.MANIFEST_NAME, f"vocab.size {VOCAB_SIZE}")
+
+
+def test_vocab_size_flag_above_the_manifest_warns_once(tmp_path: Path, data: Path, capsys: Capsys,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 2,000-token shards run under --vocab-size 30522 case: it runs (an explicit override), and says so."""
+    monkeypatch.setattr(DataOnlyEngine, "train_batch", stop_at_first_step)
+    with pytest.raises(FirstStep):
+        pretrain.main([*pretrain_args(tmp_path), "--vocab-size", "30522"])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("pld-pretrain: warning: --vocab-size 30522 overrides"), err
+    assert_names(err[0], data / schema.MANIFEST_NAME, "vocab.size 100", "30422 extra embedding rows", "vocab.txt")
+
+
+class FirstStep(Exception):
+    pass
+
+
+def stop_at_first_step(self: Any, batches: Any, **_: Any) -> None:
+    next(batches)
+    raise FirstStep
+
+
+def test_fp16_on_cpu_is_refused_before_deepspeed_starts(tmp_path: Path, data: Path, capsys: Capsys,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pld_ds import startup
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the engine was built")
+
+    monkeypatch.setattr(DataOnlyEngine, "__init__", never)
+    monkeypatch.setattr(startup, "runs_on_cpu", lambda: True)
+    config = write_json(tmp_path / "fp16.json", ds_config_with(lambda c: c.update(fp16={"enabled": True})))
+    line = pretrain_error(capsys, pretrain_args(tmp_path, config))
+    assert_names(line, config, "fp16.enabled", "CPU accelerator", '"bf16": {"enabled": true}', "fp32")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp16_check_only_on_cpu_and_only_when_enabled() -> None:
+    from pld_ds.startup import check_precision
+
+    check_precision({"fp16": {"enabled": True}}, "x.json", on_cpu=False)
+    check_precision({"fp16": {"enabled": False}, "bf16": {"enabled": True}}, "x.json", on_cpu=True)
+    with pytest.raises(ConfigError, match=r"^x\.json: fp16\.enabled: "):
+        check_precision({"fp16": {"enabled": True, "loss_scale": 0}}, "x.json", on_cpu=True)
+
+
+def test_schedule_warnings() -> None:
+    from pld_ds.startup import schedule_warnings
+
+    config = load_ds_config()  # WarmupDecayLR, total_num_steps 1000, lr 0.003
+    assert schedule_warnings(config, "c.json", 1000) == []
+    (beyond,) = schedule_warnings(config, "c.json", 1500)
+    assert_names(beyond, "c.json", "total_num_steps is 1000", "--max-steps is 1500", "steps 1001-1500",
+                 "warmup_min_lr: lr 0.0", "set total_num_steps to 1500")
+    cosine = {**config, "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 10}}}
+    assert_names(schedule_warnings(cosine, "c.json", 20)[0], "steps 11-20", "cos_min_ratio: 0.0001 x the peak lr")
+    assert schedule_warnings({**config, "scheduler": {"type": "WarmupLR", "params": {}}}, "c.json", 10**6) == []
+    # an old DeepSpeedExamples PLD config: warm-up in the script's flags, none in the JSON
+    (constant,) = schedule_warnings({k: v for k, v in config.items() if k != "scheduler"}, "old.json", 200)
+    assert_names(constant, 'old.json: no "scheduler" block', "0.003", "for all 200 steps", "no warm-up",
+                 '"type": "WarmupDecayLR"', '"total_num_steps": 200')
+    json.loads(constant.split("add ", 1)[1].split(": ", 1)[1])  # the suggested block is valid JSON
+
+
+def test_schedule_warnings_are_printed_at_start(tmp_path: Path, data: Path, capsys: Capsys,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(DataOnlyEngine, "train_batch", stop_at_first_step)
+    config = write_json(tmp_path / "old.json", ds_config_with(lambda c: c.pop("scheduler")))
+    with pytest.raises(FirstStep):
+        pretrain.main([*pretrain_args(tmp_path, config), "--max-steps", "2"])
+    out, err = capsys.readouterr()
+    assert err.startswith(f'pld-pretrain: warning: {config}: no "scheduler" block') and err.count("\n") == 1
+    assert "checking 2 training shards" in out and "starting DeepSpeed" in out  # what start-up is doing
+
+
+def test_resume_that_does_not_fit_names_the_tensor_and_shapes(tmp_path: Path) -> None:
+    """What torch raises for a checkpoint of another model: its first line alone names nothing."""
+    from pld_ds.model import BertForPreTraining
+
+    small, other = BertForPreTraining(model_config("tiny")), BertForPreTraining(model_config("tiny", vocab_size=640))
+
+    class Engine:
+        def load_checkpoint(self, *_: Any) -> None:
+            small.load_state_dict(other.state_dict())
+
+    with pytest.raises(pretrain.UserError) as err:
+        pretrain.resume_from(Engine(), "auto", (tmp_path / "ck", "global_step4"), None)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"--resume auto: {tmp_path / 'ck' / 'global_step4'} does not fit")
+    assert_names(message, "size mismatch for embeddings.word.weight", "torch.Size([640, 64])",
+                 "torch.Size([30528, 64])", "more)")
+
+
+def test_load_failure_keeps_short_messages_and_counts_the_rest() -> None:
+    assert pretrain.load_failure(AssertionError()) == "AssertionError"
+    assert pretrain.load_failure(RuntimeError("no such step")) == "no such step"
+    many = RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(f"problem {i}" for i in range(5)))
+    assert pretrain.load_failure(many) == "Error(s) in loading state_dict: problem 0 problem 1 (and 3 more)"
+
+
+def monitors_at_start(self: DataOnlyEngine, model: Any, config: Any, *, output_dir: Any = None, **_: Any) -> None:
+    """What DeepSpeed's monitors create when its engine starts: csv/ and a TensorBoard events file."""
+    DataOnlyEngine.__init__(self, model, config)
+    (Path(output_dir) / "csv" / "run").mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "tensorboard" / "run").mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "tensorboard" / "run" / "events.out.tfevents.1.host").write_bytes(b"header")
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_output(tmp_path: Path, data: Path, capsys: Capsys,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules["pld_ds.engine"], "PLDEngine", type("Engine", (DataOnlyEngine,),
+                                                                         {"__init__": monitors_at_start}))
+    edit_shard(data / "train" / "train_00001.hdf5", set_value("input_ids", (9, 4), VOCAB_SIZE + 7))  # read in step 1
+    line = pretrain_error(capsys, pretrain_args(tmp_path))
+    assert_names(line, "train_00001.hdf5", "input_ids")
+    assert not (tmp_path / "out").exists()
+    # A folder that held an earlier run keeps what it held, run_config.json as it was, and nothing new.
+    out = tmp_path / "out"
+    (out / "checkpoints" / "global_step2").mkdir(parents=True)
+    (out / "tensorboard" / "run").mkdir(parents=True)
+    old_events = out / "tensorboard" / "run" / "events.out.tfevents.0.host"
+    old_events.write_bytes(b"old")
+    (out / "run_config.json").write_text('{"earlier": true}')
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    pretrain_error(capsys, pretrain_args(tmp_path))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (out / "run_config.json").read_text() == '{"earlier": true}' and old_events.read_bytes() == b"old"
+
+
+def test_outputs_of_a_run_that_took_a_step_stay(tmp_path: Path) -> None:
+    from pld_ds.startup import FreshOutputs
+
+    steps = [0]
+    with pytest.raises(RuntimeError), FreshOutputs(tmp_path / "out") as outputs:
+        outputs.watch(lambda: steps[0])
+        (tmp_path / "out" / "csv").mkdir(parents=True)
+        steps[0] = 1
+        raise RuntimeError("a failure at step 2")
+    assert (tmp_path / "out" / "csv").is_dir()
+    with FreshOutputs(tmp_path / "other"):  # no failure: nothing is undone
+        (tmp_path / "other").mkdir()
+    assert (tmp_path / "other").is_dir()
 
 
 @pytest.mark.parametrize("field, index, value", [("next_sentence_labels", (3,), 5), ("segment_ids", (2, 4), 2)])

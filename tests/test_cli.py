@@ -258,13 +258,20 @@ def test_data_folders(tmp_path):
     assert explicit == valid
 
 
-def test_data_vocabulary(tmp_path):
+def test_data_vocabulary(tmp_path, capsys):
     from pld_ds.config import ConfigError
     from pld_ds.pretrain import BERT_VOCAB_SIZE, data_vocabulary
 
     root = make_shard_dir(tmp_path / "d")
     assert data_vocabulary(str(root), None) == (100, None)
+    assert data_vocabulary(str(root), 100) == (100, None) and capsys.readouterr().err == ""
+    # a larger --vocab-size is an explicit override: it holds, and says what it costs
     assert data_vocabulary(str(root), 555) == (555, None)
+    warning = capsys.readouterr().err
+    assert warning.startswith("pld-pretrain: warning: --vocab-size 555 overrides") and warning.count("\n") == 1
+    assert "vocab.size 100" in warning and "455 extra embedding rows" in warning
+    with pytest.raises(ConfigError, match=r"--vocab-size 99: smaller than .*manifest\.json: vocab\.size 100"):
+        data_vocabulary(str(root), 99)
     assert data_vocabulary(str(tmp_path), None) == (BERT_VOCAB_SIZE, None)
     # a vocab file named by the manifest gives the ids dynamic masking needs
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a"]))
