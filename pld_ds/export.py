@@ -9,9 +9,10 @@ config.json, model.safetensors, vocab.txt and tokenizer files, so that
 
 transformers' RobertaPreLayerNorm is our architecture: LayerNorm after the embeddings, PreLN
 layers, a final LayerNorm, an MLM head (dense, exact GELU, LayerNorm, decoder tied to the word
-embeddings) and a classification head shaped like BERT's pooler (dense, tanh, linear), which
-receives our pooler. Two differences are bridged here: RoBERTa numbers positions from
-pad_token_id + 1, so our position table is written shifted by that offset (pad tokens look up row
+embeddings) and a classification head shaped like BERT's pooler (dense, tanh, linear). Our pooler goes
+to pooler.safetensors, not model.safetensors, so that loading the masked-LM model reports no unexpected
+weights; `load_pooler` (and pld-finetune --hf) puts it into a sequence classifier. Two differences
+are bridged here: RoBERTa numbers positions from pad_token_id + 1, so our position table is written shifted by that offset (pad tokens look up row
 pad_token_id, whose output nobody reads); and the query/key/value projections are split out of our
 fused one. The NSP classifier has no counterpart and is left out. EarlyBERT models export too:
 slimming coefficients are folded into the following projections and slim layers are zero-padded to
@@ -51,7 +52,10 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS
 HF_ARCHITECTURE = "RobertaPreLayerNormForMaskedLM"
 HF_MODEL_TYPE = "roberta-prelayernorm"
 HF_PREFIX = "roberta_prelayernorm."
+# A PostLN model (layer_norm "post") is the original BERT: transformers' BertForPreTraining, NSP head included.
+BERT_ARCHITECTURE = "BertForPreTraining"
 RUN_CONFIG = "run_config.json"
+POOLER_FILE = "pooler.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STEP_DIR = re.compile(r"global_step(\d+)")
 _OPTIM_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -447,15 +451,86 @@ def hf_state_dict(weights: dict[str, torch.Tensor], cfg: BertConfig, pad_token_i
     copy("heads.transform", "lm_head.dense")
     copy("heads.transform_norm", "lm_head.layer_norm")
     hf["lm_head.bias"] = weights["heads.decoder.bias"]  # decoder weight and bias are tied in transformers
-    copy("heads.pooler", "classifier.dense")
     return {name: tensor.detach().contiguous().clone() for name, tensor in hf.items()}
+
+
+def pooler_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our NSP pooler (dense, tanh on [CLS]) under the name of the dense layer of transformers' sequence
+    classification head, which has the same shape and activation. It goes to its own file, not model.safetensors:
+    the masked-LM model that config.json names has no such layer, and transformers would report it as UNEXPECTED
+    on every load."""
+    if "heads.pooler.weight" not in weights:  # an MLM-only model (nsp false) has no pooler
+        return {}
+    return {f"classifier.dense.{s}": weights[f"heads.pooler.{s}"].detach().contiguous().clone()
+            for s in ("weight", "bias")}
+
+
+def load_pooler(model: torch.nn.Module, folder: str | Path) -> bool:
+    """Put an export's pooler into a transformers sequence classifier (its classifier.dense); False when the
+    folder has no pooler file (an export of an MLM-only model, or a folder pld-export did not write)."""
+    path = Path(folder) / POOLER_FILE
+    dense = getattr(getattr(model, "classifier", None), "dense", None)
+    if not path.is_file() or dense is None:
+        return False
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    with torch.no_grad():
+        for suffix in ("weight", "bias"):
+            theirs, ours = getattr(dense, suffix), tensors.get(f"classifier.dense.{suffix}")
+            if ours is None or ours.shape != theirs.shape:
+                raise UserError(f"{path}: classifier.dense.{suffix}: expected a tensor of shape {tuple(theirs.shape)}, "
+                                f"got {None if ours is None else tuple(ours.shape)}")
+            theirs.copy_(ours)
+    return True
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: BertConfig, offset: int) -> dict[str, torch.Tensor]:
+    """hf_state_dict's inverse: RobertaPreLayerNormForMaskedLM's names and layouts -> BertForPreTraining's, for
+    ``cfg`` at full width (an exported EarlyBERT model is zero-padded to it). The NSP classifier was never
+    exported: it is absent from the result, as is the pooler of a model exported without one."""
+    base, emb = HF_PREFIX, HF_PREFIX + "embeddings."
+    ours: dict[str, torch.Tensor] = {}
+
+    def take(theirs: str) -> torch.Tensor:
+        if theirs not in hf:
+            raise KeyError(theirs)
+        return hf[theirs].float()
+
+    def copy(theirs: str, mine: str) -> None:
+        for suffix in ("weight", "bias"):
+            ours[f"{mine}.{suffix}"] = take(f"{theirs}.{suffix}")
+
+    ours["embeddings.word.weight"] = take(emb + "word_embeddings.weight")
+    ours["embeddings.token_type.weight"] = take(emb + "token_type_embeddings.weight")
+    ours["embeddings.position.weight"] = take(emb + "position_embeddings.weight")[offset:]
+    copy(emb + "LayerNorm", "embeddings.norm")
+    for i in range(cfg.num_layers):
+        theirs, mine = f"{base}encoder.layer.{i}.", f"encoder.layers.{i}."
+        copy(theirs + "attention.LayerNorm", mine + "attn_norm")
+        for suffix in ("weight", "bias"):
+            ours[f"{mine}attn.qkv.{suffix}"] = torch.cat(
+                [take(f"{theirs}attention.self.{proj}.{suffix}") for proj in ("query", "key", "value")])
+        copy(theirs + "attention.output.dense", mine + "attn.out")
+        copy(theirs + "intermediate.LayerNorm", mine + "ffn_norm")
+        copy(theirs + "intermediate.dense", mine + "ffn.fc1")
+        copy(theirs + "output.dense", mine + "ffn.fc2")
+    copy(base + "LayerNorm", "encoder.final_norm")
+    copy("lm_head.dense", "heads.transform")
+    copy("lm_head.layer_norm", "heads.transform_norm")
+    ours["heads.decoder.weight"] = ours["embeddings.word.weight"]  # tied
+    ours["heads.decoder.bias"] = take("lm_head.bias")
+    if "classifier.dense.weight" in hf:
+        copy("classifier.dense", "heads.pooler")
+    return ours
 
 
 def hf_config(cfg: BertConfig, vocab: Vocab, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     pad = vocab.id(SPECIAL_TOKENS["pad_token"])
+    post = cfg.layer_norm == "post"
     return {
-        "architectures": [HF_ARCHITECTURE],
-        "model_type": HF_MODEL_TYPE,
+        "architectures": [BERT_ARCHITECTURE if post else HF_ARCHITECTURE],
+        "model_type": "bert" if post else HF_MODEL_TYPE,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
@@ -464,7 +539,7 @@ def hf_config(cfg: BertConfig, vocab: Vocab, dtype: torch.dtype = torch.float32)
         "hidden_act": "gelu",  # the exact (erf) GELU, as torch.nn.functional.gelu
         "hidden_dropout_prob": cfg.hidden_dropout,
         "attention_probs_dropout_prob": cfg.attention_dropout,
-        "max_position_embeddings": cfg.max_position_embeddings + position_offset(pad),
+        "max_position_embeddings": cfg.max_position_embeddings + exported_position_offset(cfg, pad),
         "type_vocab_size": cfg.type_vocab_size,
         "initializer_range": cfg.initializer_range,
         "layer_norm_eps": cfg.layer_norm_eps,

@@ -1,12 +1,15 @@
 """PreLN BERT for pretraining, with Progressive Layer Dropping as a forward argument.
 
 PreLN: every sublayer normalises its input (x + f(LN(x))) and the encoder ends with a LayerNorm,
-which keeps training stable when layers are dropped. Plain PyTorch: nothing here knows DeepSpeed.
+which keeps training stable when layers are dropped. `layer_norm="post"` gives the original BERT
+layout instead (PostLN: LN(x + f(x)) after each residual add, no final LayerNorm), the baseline of
+the PLD paper. Plain PyTorch: nothing here knows DeepSpeed.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +42,9 @@ class BertConfig:
     layer_intermediate: tuple[int, ...] | None = None
     # Learnable slimming coefficients, initialised to 1: one per attention head, one per FFN neuron.
     slimming: bool = False
+    # "pre": LayerNorm on each sublayer's input and a final LayerNorm (PreLN, stable under PLD);
+    # "post": LayerNorm after each residual add, none at the end (PostLN, the original BERT).
+    layer_norm: str = "pre"
 
     def __post_init__(self) -> None:
         problems = []
@@ -53,6 +59,8 @@ class BertConfig:
             problems.append(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
         if not self.initializer_range >= 0:
             problems.append(f"initializer_range must be >= 0, got {self.initializer_range!r}")
+        if self.layer_norm not in ("pre", "post"):
+            problems.append(f"layer_norm must be \"pre\" or \"post\", got {self.layer_norm!r}")
         if not problems and self.hidden_size % self.num_heads:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if not problems:
@@ -156,10 +164,12 @@ class FeedForward(nn.Module):
 
 
 class Layer(nn.Module):
-    """x + f(LN(x)) for attention then feed-forward; a kept PLD layer scales f's output by 1/p."""
+    """x + f(LN(x)) (PreLN) or LN(x + f(x)) (PostLN) for attention then feed-forward; a kept PLD layer
+    scales f's output by 1/p. attn_norm and ffn_norm are the LayerNorms of the two sublayers in either layout."""
 
     def __init__(self, cfg: BertConfig, index: int = 0) -> None:
         super().__init__()
+        self.post_ln = cfg.layer_norm == "post"
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn = SelfAttention(cfg, index)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -169,6 +179,9 @@ class Layer(nn.Module):
                 inv_keep_prob: torch.Tensor | None = None) -> torch.Tensor:
         """inv_keep_prob: 1/keep_prob as a 0-dim tensor on x's device, which replaces keep_prob. A compiled
         layer is given that: one graph serves every value of theta, with no guard on it and no host scalar."""
+        if self.post_ln:
+            x = self.attn_norm(self._residual(x, self.attn(x, attn_mask), keep_prob, inv_keep_prob))
+            return self.ffn_norm(self._residual(x, self.ffn(x), keep_prob, inv_keep_prob))
         attn = self.attn(self.attn_norm(x), attn_mask)
         x = self._residual(x, attn, keep_prob, inv_keep_prob)
         ffn = self.ffn(self.ffn_norm(x))
@@ -185,7 +198,9 @@ class Encoder(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
-        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        # PostLN layers end normalised already: no final LayerNorm (and none in the state dict).
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.layer_norm == "pre" \
+            else nn.Identity()
         self.activation_checkpointing = cfg.activation_checkpointing
         self.compiled = False  # set by BertForPreTraining.compile_layers
 
@@ -236,10 +251,10 @@ class BertForPreTraining(nn.Module):
         self.encoder = Encoder(cfg)
         self.heads = PretrainingHeads(cfg, self.embeddings.word)
         self.apply(self._init_weights)
-        # Residual projections get a smaller init so the residual stream's variance does not grow
-        # with depth (GPT-2's scaled init).
+        # PreLN: residual projections get a smaller init so the residual stream's variance does not grow
+        # with depth (GPT-2's scaled init). PostLN normalises after every add: BERT's plain init.
         residual_std = cfg.initializer_range / math.sqrt(2 * cfg.num_layers)
-        for layer in self.encoder.layers:
+        for layer in self.encoder.layers if cfg.layer_norm == "pre" else ():
             nn.init.normal_(layer.attn.out.weight, std=residual_std)
             nn.init.normal_(layer.ffn.fc2.weight, std=residual_std)
 
@@ -285,6 +300,9 @@ class BertForPreTraining(nn.Module):
         attn_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         gates = None
         if progressive_layer_drop and self.training:
+            if self.config.layer_norm == "post":
+                warnings.warn("Progressive Layer Dropping on a PostLN model: the PLD paper found this unstable "
+                              "(it pairs PLD with PreLN); expect divergence at PLD's learning rates", stacklevel=2)
             gates = pld.sample_gates(self.config.num_layers, pld_theta, pld_generator)
         hidden, layers_run = self.encoder(self.embeddings(input_ids, token_type_ids), attn_mask, gates)
 

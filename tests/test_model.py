@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -400,3 +401,72 @@ def test_residual_projections_get_scaled_init():
     std = model.encoder.layers[0].attn.out.weight.std().item()
     assert std == pytest.approx(0.02 / 4.0, rel=0.2)  # 0.02 / sqrt(2 * 8)
     assert model.encoder.layers[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+# -- PostLN (the original BERT layout) ------------------------------------------------------------
+
+
+def randomised(model: BertForPreTraining, seed: int = 0) -> BertForPreTraining:
+    """Every weight random, LayerNorms and biases included, so that no wrong mapping can hide."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(base + torch.randn_like(p) * (0.2 if p.ndim > 1 else 0.1))
+    return model.eval()
+
+
+def test_postln_layout_has_no_final_norm_and_normalises_after_each_add():
+    pre, post = tiny_model(), tiny_model(layer_norm="post")
+    assert "encoder.final_norm.weight" in pre.state_dict()
+    assert not any(name.startswith("encoder.final_norm") for name in post.state_dict())
+    layer = post.encoder.layers[0].eval()
+    x = torch.randn(2, 5, 64) * 3 + 1
+    out = layer(x, None)
+    # LayerNorm (weight 1, bias 0 at init) is the last operation: every row has mean 0 and variance 1
+    torch.testing.assert_close(out.mean(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-3, rtol=0)
+    with torch.no_grad():  # by hand: LN(x + attn(x)), then LN(h + ffn(h))
+        h = layer.attn_norm(x + layer.attn(x, None))
+        torch.testing.assert_close(out, layer.ffn_norm(h + layer.ffn(h)))
+    with pytest.raises(ValueError, match='layer_norm must be "pre" or "post"'):
+        BertConfig(layer_norm="middle")
+
+
+def test_postln_equals_transformers_bert_for_pretraining(tmp_path):
+    """Our PostLN model exported to transformers' BertForPreTraining (the original BERT) gives the same MLM
+    and NSP logits, padded rows included: the layout and the export mapping are both checked."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    from pld_ds.export import Vocab, export_weights
+
+    model = randomised(tiny_model(layer_norm="post"))
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(model.config.vocab_size - 5)]
+    (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    out = export_weights(model.state_dict(), model.config, Vocab(tmp_path / "vocab.txt", tokens, True), tmp_path / "hf")
+    hf = transformers.AutoModelForPreTraining.from_pretrained(out).eval()
+    assert type(hf).__name__ == "BertForPreTraining"
+    batch = synthetic_batch(batch=4, seq_len=16)
+    inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    with torch.no_grad():
+        ours, theirs = model(**inputs), hf(**inputs)
+    real = batch["attention_mask"].bool()
+    assert ours.mlm_logits.std() > 1.0  # logits of substance
+    torch.testing.assert_close(theirs.prediction_logits[real], ours.mlm_logits[real], rtol=0, atol=1e-4)
+    torch.testing.assert_close(theirs.seq_relationship_logits, ours.nsp_logits, rtol=0, atol=1e-4)
+    # the same weights in the PreLN layout compute something else: the comparison can fail
+    pre = tiny_model()
+    pre.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        assert not torch.allclose(pre.eval()(**inputs).mlm_logits[real], ours.mlm_logits[real], atol=1e-2)
+
+
+def test_pld_on_postln_warns_and_still_drops_layers(batch):
+    model = tiny_model(layer_norm="post").train()
+    step, gates = find_gates(4, 0.3, lambda g: sum(kept for kept, _ in g) == 2)
+    with pytest.warns(UserWarning, match="PostLN"):
+        out = model(**batch, progressive_layer_drop=True, pld_theta=0.3, pld_generator=pld.gate_generator(0, step, 0))
+    assert out.layers_run == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_model().train()(**batch, progressive_layer_drop=True, pld_theta=0.3)  # PreLN: no warning
