@@ -7,16 +7,16 @@ one global_stepN folder. ZeRO-1/2/3 checkpoints are merged into full fp32 weight
 config.json, model.safetensors, vocab.txt and tokenizer files, so that
 `AutoModelForMaskedLM.from_pretrained(OUTPUT)` and `AutoTokenizer.from_pretrained(OUTPUT)` work.
 
-transformers' RobertaPreLayerNorm is our architecture: LayerNorm after the embeddings, PreLN
-layers, a final LayerNorm, an MLM head (dense, exact GELU, LayerNorm, decoder tied to the word
-embeddings) and a classification head shaped like BERT's pooler (dense, tanh, linear). Our pooler goes
-to pooler.safetensors, not model.safetensors, so that loading the masked-LM model reports no unexpected
-weights; `load_pooler` (and pld-finetune --hf) puts it into a sequence classifier. Two differences
-are bridged here: RoBERTa numbers positions from pad_token_id + 1, so our position table is written shifted by that offset (pad tokens look up row
-pad_token_id, whose output nobody reads); and the query/key/value projections are split out of our
-fused one. The NSP classifier has no counterpart and is left out. EarlyBERT models export too:
-slimming coefficients are folded into the following projections and slim layers are zero-padded to
-the full width (exact, but the pruned compute comes back).
+transformers' RobertaPreLayerNorm is our architecture: LayerNorm after the embeddings, PreLN layers, a
+final LayerNorm, an MLM head (dense, exact GELU, LayerNorm, decoder tied to the word embeddings) and a
+classification head shaped like BERT's pooler (dense, tanh, linear). Our pooler goes to
+pooler.safetensors, not model.safetensors, so that loading the masked-LM model reports no unexpected
+weights; `load_pooler` (and pld-finetune --hf) puts it into a sequence classifier. Two differences are
+bridged here: RoBERTa numbers positions from pad_token_id + 1, so our position table is written shifted
+by that offset (pad tokens look up row pad_token_id, whose output nobody reads); and the query/key/value
+projections are split out of our fused one. The NSP classifier has no counterpart and is left out.
+EarlyBERT models export too: slimming coefficients are folded into the following projections and slim
+layers are zero-padded to the full width (exact, but the pruned compute comes back).
 
 Nothing is unpickled beyond tensors, plain containers, numpy arrays (older client states hold numpy's
 RNG state) and four plain DeepSpeed record types in ZeRO optimizer files: every torch.load here runs
@@ -604,10 +604,15 @@ def export_weights(weights: dict[str, torch.Tensor], cfg: BertConfig, vocab: Voc
 
     pad = vocab.id(SPECIAL_TOKENS["pad_token"])
     tensors = {name: t.to(dtype) for name, t in hf_state_dict(weights, cfg, pad).items()}
+    # the RoBERTa layout has no pooler of its own: ours goes beside it
+    roberta = any(name.startswith(HF_PREFIX) for name in tensors)
+    pooler = {name: t.to(dtype) for name, t in pooler_state_dict(weights).items()} if roberta else {}
     out = Path(out)
 
     def write(folder: Path) -> None:
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        if pooler:
+            save_file(pooler, str(folder / POOLER_FILE), metadata={"format": "pt"})
         (folder / "config.json").write_text(json.dumps(hf_config(cfg, vocab, dtype), indent=2) + "\n")
         (folder / "vocab.txt").write_text("\n".join(vocab.tokens) + "\n", encoding="utf-8")
         for name, text in tokenizer_files(vocab, cfg.max_position_embeddings).items():
@@ -615,7 +620,7 @@ def export_weights(weights: dict[str, torch.Tensor], cfg: BertConfig, vocab: Voc
         tokenizer = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=vocab.lowercase)
         tokenizer.save(str(folder / "tokenizer.json"))
         record = {"model": dataclasses.asdict(cfg), "position_offset": position_offset(pad),
-                  "lowercase": vocab.lowercase, **(provenance or {})}
+                  "lowercase": vocab.lowercase, "pooler": POOLER_FILE if pooler else None, **(provenance or {})}
         (folder / "pld_export.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
     _write_folder(out, overwrite, write)

@@ -30,14 +30,15 @@ from pld_ds.export import (
     find_step_dir,
     find_vocab,
     load_checkpoint,
+    load_pooler,
     looks_lowercase,
     main,
     safe_load,
 )
 from pld_ds.model import BertConfig, BertForPreTraining
 
-EXPORT_FILES = {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "pld_export.json"}
+EXPORT_FILES = {"config.json", "model.safetensors", "pooler.safetensors", "vocab.txt", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "pld_export.json"}
 # A vocabulary whose [PAD] is not id 0, so that the position offset (pad_token_id + 1) is exercised.
 SPECIALS_PAD_2 = ["[UNK]", "[unused0]", "[PAD]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "far", "away", ".", ","]
@@ -129,12 +130,22 @@ def test_masked_lm_logits_equal_ours(transformers, random_export):
         torch.testing.assert_close(hf(**batch, position_ids=positions).logits, ours, rtol=0, atol=1e-5)
 
 
+def test_masked_lm_loads_with_no_unexpected_or_missing_weights(transformers, random_export):
+    """model.safetensors holds exactly what the architecture in config.json expects (the pooler once sat in it
+    as classifier.dense, and every load reported `classifier.dense.bias | UNEXPECTED`)."""
+    _, _, out = random_export
+    _, info = transformers.AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"] and not info["mismatched_keys"], info
+    assert json.loads((out / "pld_export.json").read_text())["pooler"] == "pooler.safetensors"
+
+
 def test_sequence_classification_loads_export_with_our_pooler(transformers, random_export):
     """The classification head is dense-tanh-linear like our pooler + NSP: given our NSP weights it must
     reproduce our NSP logits, which proves the encoder, final norm and pooler mapping."""
     model, _, out = random_export
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out, num_labels=2).eval()
     assert type(hf).__name__ == "RobertaPreLayerNormForSequenceClassification"
+    assert load_pooler(hf, out)  # the pooler travels beside the weights: load_pooler (pld-finetune --hf) puts it in
     torch.testing.assert_close(hf.classifier.dense.weight, model.heads.pooler.weight, rtol=0, atol=0)
     batch = padded_batch(pad_id=2)
     with torch.no_grad():
@@ -143,6 +154,15 @@ def test_sequence_classification_loads_export_with_our_pooler(transformers, rand
         hf.classifier.out_proj.bias.copy_(model.heads.nsp.bias)
         torch.testing.assert_close(hf(**batch).logits, model(**batch).nsp_logits, rtol=0, atol=1e-5)
     assert fresh.shape == (4, 2) and torch.isfinite(fresh).all()
+
+
+def test_finetune_hf_classifier_starts_from_our_pooler(transformers, random_export):
+    from pld_ds.finetune.run import HFBackbone
+
+    model, _, out = random_export
+    classifier = HFBackbone(str(out)).classifier(3).model
+    torch.testing.assert_close(classifier.classifier.dense.weight, model.heads.pooler.weight, rtol=0, atol=0)
+    torch.testing.assert_close(classifier.classifier.dense.bias, model.heads.pooler.bias, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not hasattr(BertConfig, "heads_in"), reason="the model has no per-layer widths")

@@ -142,12 +142,15 @@ class HFBackbone(Backbone):
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
+        from pld_ds.export import load_pooler
+
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the load report lists the new head on every run of a sweep
         try:
             model = AutoModelForSequenceClassification.from_pretrained(self.folder, num_labels=num_labels)
         finally:
             hf_logging.set_verbosity(verbosity)
+        load_pooler(model, self.folder)  # a pld-export folder keeps the pretrained pooler beside the weights
         return _Logits(model, self.token_types)
 
 
