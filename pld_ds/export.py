@@ -414,8 +414,56 @@ def full_width_layer(weights: dict[str, torch.Tensor], prefix: str, cfg: BertCon
             "ffn.fc2.weight": pad_rows(fc2_w.T, cfg.intermediate_size).T}
 
 
+def exported_position_offset(cfg: BertConfig, pad_token_id: int) -> int:
+    """Rows our position table is shifted by in the export: RoBERTa's offset for PreLN, none for BERT (PostLN)."""
+    return 0 if cfg.layer_norm == "post" else position_offset(pad_token_id)
+
+
+def bert_state_dict(weights: dict[str, torch.Tensor], cfg: BertConfig) -> dict[str, torch.Tensor]:
+    """A PostLN model's names and layouts -> transformers' BertForPreTraining: our attn_norm is the LayerNorm
+    after the attention's residual add (attention.output.LayerNorm), ffn_norm the one after the feed-forward's
+    (output.LayerNorm); positions start at 0; the pooler and NSP classifier map one to one."""
+    hf: dict[str, torch.Tensor] = {}
+    emb = "bert.embeddings."
+
+    def copy(ours: str, theirs: str) -> None:
+        for suffix in ("weight", "bias"):
+            hf[f"{theirs}.{suffix}"] = weights[f"{ours}.{suffix}"]
+
+    hf[emb + "word_embeddings.weight"] = weights["embeddings.word.weight"]
+    hf[emb + "position_embeddings.weight"] = weights["embeddings.position.weight"]
+    hf[emb + "token_type_embeddings.weight"] = weights["embeddings.token_type.weight"]
+    copy("embeddings.norm", emb + "LayerNorm")
+    for i in range(cfg.num_layers):
+        ours, theirs = f"encoder.layers.{i}.", f"bert.encoder.layer.{i}."
+        layer = full_width_layer(weights, ours, cfg)
+        for suffix in ("weight", "bias"):
+            q, k, v = layer[f"attn.qkv.{suffix}"].chunk(3, dim=0)
+            for proj, tensor in (("query", q), ("key", k), ("value", v)):
+                hf[f"{theirs}attention.self.{proj}.{suffix}"] = tensor
+        hf[theirs + "attention.output.dense.weight"] = layer["attn.out.weight"]
+        hf[theirs + "attention.output.dense.bias"] = weights[ours + "attn.out.bias"]
+        copy(ours + "attn_norm", theirs + "attention.output.LayerNorm")
+        hf[theirs + "intermediate.dense.weight"] = layer["ffn.fc1.weight"]
+        hf[theirs + "intermediate.dense.bias"] = layer["ffn.fc1.bias"]
+        hf[theirs + "output.dense.weight"] = layer["ffn.fc2.weight"]
+        hf[theirs + "output.dense.bias"] = weights[ours + "ffn.fc2.bias"]
+        copy(ours + "ffn_norm", theirs + "output.LayerNorm")
+    copy("heads.transform", "cls.predictions.transform.dense")
+    copy("heads.transform_norm", "cls.predictions.transform.LayerNorm")
+    hf["cls.predictions.decoder.weight"] = weights["embeddings.word.weight"]
+    hf["cls.predictions.decoder.bias"] = hf["cls.predictions.bias"] = weights["heads.decoder.bias"]
+    if "heads.pooler.weight" in weights:  # an MLM-only model (nsp false) has neither pooler nor NSP head
+        copy("heads.pooler", "bert.pooler.dense")
+        copy("heads.nsp", "cls.seq_relationship")
+    return {name: tensor.detach().contiguous().clone() for name, tensor in hf.items()}
+
+
 def hf_state_dict(weights: dict[str, torch.Tensor], cfg: BertConfig, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Our names and layouts -> RobertaPreLayerNormForMaskedLM's (the classification head's dense is our pooler)."""
+    """Our names and layouts -> RobertaPreLayerNormForMaskedLM's (the classification head's dense is our pooler);
+    a PostLN model -> BertForPreTraining's (bert_state_dict)."""
+    if cfg.layer_norm == "post":
+        return bert_state_dict(weights, cfg)
     hf: dict[str, torch.Tensor] = {}
     base, emb = HF_PREFIX, HF_PREFIX + "embeddings."
 
@@ -619,7 +667,7 @@ def export_weights(weights: dict[str, torch.Tensor], cfg: BertConfig, vocab: Voc
             (folder / name).write_text(text)
         tokenizer = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=vocab.lowercase)
         tokenizer.save(str(folder / "tokenizer.json"))
-        record = {"model": dataclasses.asdict(cfg), "position_offset": position_offset(pad),
+        record = {"model": dataclasses.asdict(cfg), "position_offset": exported_position_offset(cfg, pad),
                   "lowercase": vocab.lowercase, "pooler": POOLER_FILE if pooler else None, **(provenance or {})}
         (folder / "pld_export.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
@@ -658,7 +706,8 @@ def main(argv: list[str] | None = None) -> None:
         out = export_checkpoint(args.checkpoint, args.output, vocab=args.vocab, lowercase=args.lowercase,
                                 model=args.model, dtype=DTYPES[args.dtype], overwrite=args.overwrite)
     record = json.loads((out / "pld_export.json").read_text())
-    print(f"pld-export: wrote {out} ({HF_ARCHITECTURE}, step {record.get('global_step')}, "
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"pld-export: wrote {out} ({architecture}, step {record.get('global_step')}, "
           f"ZeRO stage {record.get('zero_stage')}, {args.dtype})")
 
 
