@@ -368,3 +368,14 @@ def test_compiled_layers_train_like_eager_layers(tmp_path):
     assert [s for s, _ in losses["compiled"]] == [1, 2, 3, 4]
     for (_, eager), (_, compiled) in zip(losses["eager"], losses["compiled"], strict=True):
         assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_readme_names_every_preset_and_every_shipped_config():
+    from pld_ds.config import MODEL_PRESETS
+
+    readme = (REPO / "README.md").read_text()
+    model_section = readme.split("\n## Model\n")[1].split("\n## ")[0]
+    assert [name for name in MODEL_PRESETS if f"`{name}`" not in model_section] == []
+    configs_section = readme.split("\n## DeepSpeed configs\n")[1].split("\n## ")[0]
+    rows = [line.split("|")[1].strip().strip("`") for line in configs_section.splitlines() if line.startswith("| `")]
+    assert sorted(rows) == sorted(f"ds_configs/{p.name}" for p in (REPO / "ds_configs").glob("*.json"))
