@@ -59,6 +59,8 @@ def decode(ids: np.ndarray, tokens: Sequence[str]) -> str:
         if token in ("[CLS]", "[PAD]", "[SEP]"):
             glue = False
             continue
+        if token == "[UNK]":
+            token = "\u2047"  # "⁇": "[UNK]" would read as a bracket
         if token.startswith("##") and glue:
             words[-1] += token[2:]
         else:

@@ -190,9 +190,10 @@ def _looks_like_jsonl(head: str) -> bool:
 class CorpusReader:
     """Iterates the documents of all sources in order, counting per source as it goes."""
 
-    def __init__(self, sources: Sequence[Source], text_key: str = "text") -> None:
+    def __init__(self, sources: Sequence[Source], text_key: str = "text", workers: int = 1) -> None:
         self.sources = list(sources)
         self.text_key = text_key
+        self.workers = workers  # processes that parse Wikipedia dumps
         self.stats = [SourceStats(s.arg) for s in self.sources]
 
     def __iter__(self) -> Iterator[str]:
@@ -201,7 +202,12 @@ class CorpusReader:
                 stats.files += 1
                 if fmt not in stats.formats:
                     stats.formats.append(fmt)
-                for doc in _READERS[fmt](path, stats, self.text_key):
+                documents = (
+                    _read_wikixml(path, stats, self.text_key, self.workers)
+                    if fmt == "wikixml"
+                    else _READERS[fmt](path, stats, self.text_key)
+                )
+                for doc in documents:
                     if len(doc) < MIN_DOC_CHARS:
                         stats.skipped_documents += 1
                         continue
@@ -308,11 +314,11 @@ def _read_jsonl(path: Path, stats: SourceStats, text_key: str) -> Iterator[str]:
         yield _join_paragraphs(text.splitlines()) if isinstance(text, str) else ""
 
 
-def _read_wikixml(path: Path, stats: SourceStats, _text_key: str) -> Iterator[str]:
+def _read_wikixml(path: Path, stats: SourceStats, _text_key: str, workers: int = 1) -> Iterator[str]:
     from data_prep import wiki  # needs the optional mwparserfromhell, checked when a dump is read
 
     stats.bytes += path.stat().st_size
-    yield from wiki.read_dump(path)
+    yield from wiki.read_dump(path, processes=workers)
 
 
 def _read_parquet(path: Path, stats: SourceStats, text_key: str) -> Iterator[str]:

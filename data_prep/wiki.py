@@ -26,6 +26,7 @@ from __future__ import annotations
 import bz2
 import html
 import xml.etree.ElementTree as ET
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,8 @@ _BEHAVIOUR_SWITCHES = (
 # Table and template syntax at the start of a line means the parser gave up on a construct (it
 # has depth limits) and left it as text: such a line is markup, never prose.
 _MARKUP_LINE_STARTS = ("{|", "|", "!", "{{", "}}", "[[", "]]")
+# Wikitext characters per chunk of articles sent to a converting process.
+_CHUNK_CHARS = 1_000_000
 
 
 def _require_parser(path: Path) -> Any:
@@ -217,7 +220,8 @@ class _Renderer:
             # The pipe trick, [[Paris, Texas|]]: the title without namespace, comma part or brackets.
             target = rest if colon and namespace else target
             target = target.split(" (")[0].split(",")[0]
-        self.emit(target.split("#")[0] if not target.startswith("#") else target[1:])
+        shown = target.split("#")[0] if not target.startswith("#") else target[1:]
+        self.emit(html.unescape(shown).replace("\xa0", " ") if "&" in shown else shown)  # [[OS&nbsp;X]]
 
     def tag(self, tag: Any) -> None:
         markup = tag.wiki_markup
@@ -408,24 +412,62 @@ def iter_pages(path: Path) -> Iterator[tuple[Namespaces, str, int | None, bool, 
         raise PrepError(f"{path}: cannot read the dump ({e})") from e
 
 
-def read_dump(path: Path, counts: DumpCounts | None = None) -> Iterator[str]:
-    """The clean prose of every article of a dump (``.xml`` or ``.xml.bz2``), in order."""
+def _convert_chunk(pages: list[tuple[str, str, Namespaces]]) -> list[str | None]:
+    return [article_text(wikitext, title, namespaces) for title, wikitext, namespaces in pages]
+
+
+def read_dump(path: Path, counts: DumpCounts | None = None, processes: int = 1) -> Iterator[str]:
+    """The clean prose of every article of a dump (``.xml`` or ``.xml.bz2``), in order.
+
+    Parsing wikitext costs far more than tokenizing the prose that comes out of it, so with
+    ``processes > 1`` articles are converted by that many spawned processes, a few chunks ahead
+    of the caller (memory stays bounded however large the dump).
+    """
     mw = _require_parser(path)
     counts = counts if counts is not None else DumpCounts()
-    for namespaces, title, ns, redirect, wikitext in iter_pages(path):
-        namespace = ns if ns is not None else namespaces.of(title)
-        if namespace != 0:
-            counts.other_namespaces += 1
-            continue
-        if redirect:
-            counts.redirects += 1
-            continue
-        text = article_text(wikitext, title, namespaces, mw)
-        if text is None:
-            if wikitext.lstrip()[:9].upper() == "#REDIRECT":
+
+    def articles() -> Iterator[tuple[str, str, Namespaces]]:
+        for namespaces, title, ns, redirect, wikitext in iter_pages(path):
+            namespace = ns if ns is not None else namespaces.of(title)
+            if namespace != 0:
+                counts.other_namespaces += 1
+            elif redirect or wikitext.lstrip()[:9].upper() == "#REDIRECT":
                 counts.redirects += 1
             else:
+                yield title, wikitext, namespaces
+
+    def kept(texts: list[str | None]) -> Iterator[str]:
+        for text in texts:
+            if text is None:
                 counts.disambiguation += 1
-            continue
-        counts.articles += 1
-        yield text
+            else:
+                counts.articles += 1
+                yield text
+
+    if processes <= 1:
+        for title, wikitext, namespaces in articles():
+            yield from kept([article_text(wikitext, title, namespaces, mw)])
+        return
+    import multiprocessing
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    pending: deque[Future] = deque()
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            chunk: list[tuple[str, str, Namespaces]] = []
+            size = 0
+            for page in articles():
+                chunk.append(page)
+                size += len(page[1])
+                if size >= _CHUNK_CHARS:
+                    pending.append(pool.submit(_convert_chunk, chunk))
+                    chunk, size = [], 0
+                    while len(pending) > 2 * processes:
+                        yield from kept(pending.popleft().result())
+            if chunk:
+                pending.append(pool.submit(_convert_chunk, chunk))
+            while pending:
+                yield from kept(pending.popleft().result())
+        finally:
+            for future in pending:
+                future.cancel()

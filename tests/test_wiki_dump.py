@@ -334,3 +334,16 @@ def test_parquet_reader(tmp_path: Path) -> None:
     broken.write_bytes(b"PAR1 not really")
     with pytest.raises(PrepError, match=r"broken\.parquet: not a readable parquet file"):
         list(sources.CorpusReader(sources.resolve_inputs([str(broken)])))
+
+
+def test_dump_parsed_by_several_processes_gives_the_same_documents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pages = [page(f"Kalo {i}", article(i)) for i in range(12)]
+    pages[5:5] = [page("Old", "#REDIRECT [[Kalo 1]]"), page("Kalo (disambiguation)", "{{dab}}"), page("T:x", "x", 1)]
+    dump = write_dump(tmp_path / "dump.xml.bz2", pages)
+    one, two = wiki.DumpCounts(), wiki.DumpCounts()
+    alone = list(wiki.read_dump(dump, one))
+    monkeypatch.setattr(wiki, "_CHUNK_CHARS", 3000)  # several chunks in flight
+    assert list(wiki.read_dump(dump, two, processes=2)) == alone
+    assert one == two == wiki.DumpCounts(articles=12, redirects=1, disambiguation=1, other_namespaces=1)
