@@ -136,7 +136,7 @@ def run(cfg: PrepConfig, log: Callable[[str], None] = lambda _: None) -> Summary
     if vocab is None:
         assert cfg.train_vocab is not None
         started = time.perf_counter()
-        training = CorpusReader(sources, cfg.text_key)
+        training = CorpusReader(sources, cfg.text_key, cfg.workers)
         tokens = train_vocab(iter(training), cfg.train_vocab, cfg.lowercase)
         if not any(s.documents for s in training.stats):
             raise PrepError(_empty_corpus_message(cfg, training))
@@ -165,7 +165,7 @@ def run(cfg: PrepConfig, log: Callable[[str], None] = lambda _: None) -> Summary
         sep_id=vocab.sep_id,
         mask_id=vocab.mask_id,
     )
-    reader = CorpusReader(sources, cfg.text_key)
+    reader = CorpusReader(sources, cfg.text_key, cfg.workers)
     summary = Summary()
     try:
         with _Workers(cfg.workers, vocab, inst_cfg, cfg.seed, spill_dir) as workers:
