@@ -306,7 +306,8 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
             if step % args.log_interval == 0 or step == args.max_steps:
                 scalars = train_scalars(engine, losses, meter.tick(step * train.global_batch), cfg, train.seq_len)
                 engine.write_scalars(scalars, step)
-                line = f"step {step:>6}  " + "  ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in scalars.items())
+                line = f"step {step:>6}  " + "  ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in scalars.items()
+                                                    if k.count("/") == 1)  # per-layer keep rates: TensorBoard only
                 progress.write(line if progress.interactive else f"{line}  {progress.status()}")
             if valid and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
                 results = evaluate(engine, valid, args.eval_batches)
@@ -334,6 +335,8 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
         scalars.update(evaluate(engine, valid, args.eval_batches))
         engine.write_scalars({k: v for k, v in scalars.items() if k.startswith("eval/")}, last)
         log(rank, "eval  " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k.startswith("eval/")))
+    for line in engine.keep_summary():
+        log(rank, line)
     log(rank, f"checkpoint: {checkpoints / checkpoint.tag_for(last)}")
     return scalars
 
