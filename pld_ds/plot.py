@@ -127,12 +127,17 @@ def _xy(points: Sequence[tuple[int, float]]) -> tuple[list[int], list[float]]:
 
 
 def plot_run(run: RunOrScalars, out_png: str | Path, title: str | None = None) -> Path:
-    """Loss against step (train lines, evaluation markers) above θ and expected depth (twin axis)."""
-    from matplotlib.ticker import MaxNLocator
-
+    """Loss against step (train lines, evaluation markers) above θ and expected depth (twin axis), as a PNG."""
     if isinstance(run, (str, Path)):
         title = Path(run).resolve().name if title is None else title
         run = read_scalars(run)
+    return _save(run_figure(run, title), out_png)
+
+
+def run_figure(run: Mapping[str, Sequence[tuple[int, float]]], title: str | None = None):
+    """plot_run's matplotlib Figure: axes[0] the losses, axes[1] θ, axes[2] (a twin of axes[1]) expected depth."""
+    from matplotlib.ticker import MaxNLocator
+
     wanted = (*LOSS_TAGS, EVAL_LOSS_TAG, THETA_TAG, DEPTH_TAG)
     if not any(run.get(tag) for tag in wanted):
         raise UserError(f"nothing to plot: none of {', '.join(wanted)} was logged")
@@ -165,7 +170,7 @@ def plot_run(run: RunOrScalars, out_png: str | Path, title: str | None = None) -
         depth_ax.set_ylabel("expected layers run")
     if handles:
         theta_ax.legend(handles=handles, loc="lower left")
-    return _save(fig, out_png)
+    return fig
 
 
 def plot_runs(runs: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], out_png: str | Path,
@@ -175,6 +180,12 @@ def plot_runs(runs: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], o
     The x values are whatever the points hold: steps as read, or anything the caller mapped them to
     (samples, hours) and names in `x_label`. A run lacking a tag is left out of that panel.
     """
+    return _save(runs_figure(runs, tags, x_label), out_png)
+
+
+def runs_figure(runs: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+                tags: Sequence[str] = COMPARE_TAGS, x_label: str = "optimizer step"):
+    """plot_runs's matplotlib Figure: one axis per tag, one line per run that has the tag."""
     if not runs or not tags:
         raise UserError("nothing to compare: no runs or no tags given")
     fig, axes = _figure(len(tags), 3.0)
@@ -189,7 +200,7 @@ def plot_runs(runs: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], o
         if ax.lines:
             ax.legend(loc="best")
     axes[-1].set_xlabel(x_label)
-    return _save(fig, out_png)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:

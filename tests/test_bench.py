@@ -11,8 +11,17 @@ from pld_helpers import REPO, child_env, console_script
 
 from pld_ds import bench, metrics, pld
 from pld_ds.config import MODEL_PRESETS, model_config
-from pld_ds.model import BertConfig
+from pld_ds.model import BertConfig, BertForPreTraining
 
+# Training FLOPs of one sequence of the tiny preset (h 64, I 128, 4 layers, 2 heads, vocab 30528) at
+# sequence length 32 with round(0.15 x 32) = 5 masked positions, counted by hand (x3: forward + backward):
+#   one layer: 3 x (QKV and output 8*32*64*64 + feed-forward 4*32*64*128 + scores and context 4*32*32*64)
+#            = 3 x (1,048,576 + 1,048,576 + 262,144) = 7,077,888
+#   MLM head at the masked positions: 3 x 2 x 5 x (64*64 + 64*30528) = 58,736,640
+TINY_LAYER_FLOPS = 7_077_888
+TINY_HEAD_FLOPS = 58_736_640
+# At theta 0.5 the layers are kept with p = 1 - (l/4)(1 - 0.5): 0.875, 0.75, 0.625, 0.5, 2.75 layers expected.
+TINY_ROW_FLOPS = {None: 4 * TINY_LAYER_FLOPS + TINY_HEAD_FLOPS, 0.5: 2.75 * TINY_LAYER_FLOPS + TINY_HEAD_FLOPS}
 ROW_KEYS = {"device", "preset", "seq_len", "micro_batch", "precision", "pld_theta", "zero_stage", "samples_per_sec",
             "tflops", "mfu", "peak_mem_gb", "hf_samples_per_sec", "time_vs_theta1"}
 
@@ -57,10 +66,9 @@ def test_bench_json_rows(bench_run):
     assert dropped["pld_theta"] == 0.5
     assert dropped["time_vs_theta1"] == pytest.approx(full["samples_per_sec"] / dropped["samples_per_sec"])
     # achieved FLOP/s count the expected depth of the PLD row, not the full depth
-    cfg = model_config("tiny")
-    for row, depth in ((full, 4), (dropped, pld.expected_depth(4, 0.5))):
-        flops = metrics.training_flops_per_sequence(cfg, 32, max(1, round(0.15 * 32)), depth)
-        assert row["tflops"] == pytest.approx(row["samples_per_sec"] * flops / 1e12)
+    assert TINY_ROW_FLOPS[None] == 87_048_192 and TINY_ROW_FLOPS[0.5] == 78_200_832
+    for row in rows:
+        assert row["tflops"] == pytest.approx(row["samples_per_sec"] * TINY_ROW_FLOPS[row["pld_theta"]] / 1e12)
 
 
 # -- FLOP counts ----------------------------------------------------------------------------------
@@ -75,6 +83,33 @@ def test_encoder_flops_formula(preset, seq_len):
     assert metrics.encoder_flops_per_sequence(cfg, seq_len) == expected
     if cfg.intermediate_size == 4 * h:
         assert metrics.encoder_flops_per_sequence(cfg, seq_len) == 3 * layers * (24 * s * h * h + 4 * s * s * h)
+
+
+def test_flops_formula_against_a_hand_count():
+    cfg = model_config("tiny")
+    assert metrics.layer_flops_per_sequence(cfg, 32, 0) == TINY_LAYER_FLOPS
+    assert metrics.head_flops_per_sequence(cfg, 5) == TINY_HEAD_FLOPS
+    assert metrics.training_flops_per_sequence(cfg, 32, 5) == TINY_ROW_FLOPS[None]
+    assert metrics.training_flops_per_sequence(cfg, 32, 5, pld.keep_probs(4, 0.5)) == TINY_ROW_FLOPS[0.5]
+
+
+@pytest.mark.parametrize("preset, seq_len", [("tiny", 32), ("micro", 16)])
+def test_flops_formula_against_torch_flop_counter(preset, seq_len):
+    """torch counts the FLOPs of every matmul of a real forward and backward (attention through SDPA's math
+    path, which it can see into). The formula leaves out only the pooler and NSP layer on [CLS]:
+    3 x 2 x (h*h + 2*h) per sequence."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = model_config(preset, vocab_size=512, hidden_dropout=0.0, attention_dropout=0.0)
+    batch = bench.synthetic_batch(cfg, 3, seq_len, device="cpu")
+    model = BertForPreTraining(cfg)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    masked = max(1, round(0.15 * seq_len))
+    h = cfg.hidden_size
+    assert counter.get_total_flops() == 3 * (metrics.training_flops_per_sequence(cfg, seq_len, masked)
+                                             + 3 * 2 * (h * h + 2 * h))
 
 
 def test_bert_base_flops_value():

@@ -122,6 +122,36 @@ def test_read_scalars_errors(tmp_path: Path):
 # -- plotting --------------------------------------------------------------------------------------
 
 
+def series(ax) -> dict[str, list[tuple[float, float]]]:
+    """What an axis shows: {legend label: [(x, y), ...]} of each line drawn on it."""
+    return {line.get_label(): [(float(x), float(y)) for x, y in zip(*line.get_data(), strict=True)]
+            for line in ax.get_lines()}
+
+
+def test_plot_run_draws_the_merged_series(resumed_run: Path, monkeypatch):
+    """What goes into the PNG, through the command line: the losses, evaluations, θ and depth of the run as
+    merged across its resume, each on its own axis, and nothing else."""
+    drawn = []
+    monkeypatch.setattr(plot, "_save", lambda fig, out: drawn.append(fig) or Path(out))
+    plot.main([str(resumed_run)])
+    (fig,) = drawn
+    loss_ax, theta_ax, depth_ax = fig.axes
+    merged = [(range(1, 11), 0), (range(7, 9), 1)]
+    assert series(loss_ax) == {"train/loss": expected("train/loss", merged),
+                               "train/mlm_loss": expected("train/mlm_loss", merged),
+                               "eval/mlm_loss": [(5, value("eval/mlm_loss", 5, 0)), (8, value("eval/mlm_loss", 8, 1))]}
+    assert [line.get_linestyle() for line in loss_ax.get_lines()] == ["-", "-", "None"]  # evaluations are markers
+    assert series(theta_ax) == {"θ (keep prob. of the last layer)": expected("train/pld_theta", merged)}
+    assert theta_ax.get_ylim() == (0, 1.05)
+    assert series(depth_ax) == {"expected depth": expected("train/expected_depth", merged)}
+    assert loss_ax.get_title() == resumed_run.name and theta_ax.get_xlabel() == "optimizer step"
+
+
+def test_plot_run_without_pld_or_eval_draws_only_what_was_logged():
+    fig = plot.run_figure({"train/loss": [(1, 5.0), (2, 4.0)], "train/lr": [(1, 0.1), (2, 0.2)]})
+    assert [series(ax) for ax in fig.axes] == [{"train/loss": [(1, 5.0), (2, 4.0)]}, {}]
+
+
 def test_plot_run_writes_a_png(resumed_run: Path, tmp_path: Path):
     out = plot.plot_run(resumed_run, tmp_path / "figs" / "run.png")
     assert out == tmp_path / "figs" / "run.png"
@@ -159,6 +189,11 @@ def test_a_failed_write_keeps_the_old_png(tmp_path: Path, monkeypatch):
 def test_plot_runs_overlays_runs(resumed_run: Path, tmp_path: Path):
     pld_run = plot.read_scalars(resumed_run)
     baseline = {"train/mlm_loss": [(1, 6.0), (8, 5.0)]}  # no θ, no evaluation: left out of those panels
+    fig = plot.runs_figure({"pld": pld_run, "baseline": baseline})
+    assert [ax.get_ylabel() for ax in fig.axes] == list(plot.COMPARE_TAGS)
+    mlm, evals, theta = (series(ax) for ax in fig.axes)
+    assert mlm == {"pld": pld_run["train/mlm_loss"], "baseline": baseline["train/mlm_loss"]}
+    assert evals == {"pld": pld_run["eval/mlm_loss"]} and theta == {"pld": pld_run["train/pld_theta"]}
     out = plot.plot_runs({"pld": pld_run, "baseline": baseline}, tmp_path / "compare.png")
     assert png_size(out) == (800, 900)
     hours = {tag: [(s / 3600, v) for s, v in points] for tag, points in pld_run.items()}
@@ -229,3 +264,6 @@ def test_events_of_a_resumed_pretrain_run(tmp_path: Path):
         assert [s for s, _ in scalars[tag]] == [s for s, _ in want]
         assert [v for _, v in scalars[tag]] == pytest.approx([v for _, v in want], rel=1e-6), tag
     assert png_size(plot.plot_run(out, out / "plot.png")) == (800, 700)
+    loss_ax, theta_ax, _ = plot.run_figure(scalars).axes
+    assert series(loss_ax)["train/loss"] == [(float(s), v) for s, v in scalars["train/loss"]]
+    assert [s for s, _ in series(theta_ax)["θ (keep prob. of the last layer)"]] == [1, 2, 3, 4, 5]
