@@ -120,13 +120,19 @@ def trial(data: Path, out: Path, steps: int, expected, rng: np.random.Generator)
     code = run.finish()
     if code != 0:
         return False, f"{', '.join(events)}; final run exited {code}: {''.join(run.lines[-5:])}"
+    ok, detail = compare(out, steps, expected)
+    return ok, f"{', '.join(events)}; {detail}"
+
+
+def compare(out: Path, steps: int, expected) -> tuple[bool, str]:
+    """A finished run against the uninterrupted one: bit-equal final weights and loss trace, no partial folder."""
     weights, losses = final_state(out, steps)
     ref_weights, ref_losses = expected
     same_weights = weights.keys() == ref_weights.keys() and all(torch.equal(weights[k], ref_weights[k])
                                                                 for k in ref_weights)
     leftovers = partial_folders(out / "checkpoints")
     ok = same_weights and losses == ref_losses and not leftovers
-    detail = f"{', '.join(events)}; weights {'equal' if same_weights else 'DIFFER'}, "
+    detail = f"weights {'equal' if same_weights else 'DIFFER'}, "
     detail += f"loss trace {'equal' if losses == ref_losses else 'DIFFERS'}"
     return ok, detail + (f", partial folders left: {leftovers}" if leftovers else "")
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import errno
 import math
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import psutil
 import pytest
 import torch
 from fault_injection import Run, command, final_state, make_data, partial_folders, reference, trial
-from pld_helpers import REPO, child_env, console_script, free_port, torch_threads
+from pld_helpers import REPO, console_script, free_port, torch_threads
 
 from pld_ds import checkpoint
 from pld_ds.checkpoint import Checkpointer, CheckpointError, newest, safe_load
@@ -272,8 +270,56 @@ def test_a_dead_rank_ends_the_run_with_a_nonzero_exit_within_60_s(tmp_path, faul
     assert not survivors
 
 
-def test_fault_injection_script_runs(tmp_path):
-    """The 20-trial script's entry point parses and reports (its trials are the slow test above)."""
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "fault_injection.py"), "--help"], cwd=REPO,
-                          env=child_env(), capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and "--trials" in proc.stdout
+def fake_finished_run(out: Path, steps: int, losses: dict[int, float], weights: dict[str, torch.Tensor]) -> Path:
+    """What a finished pld-pretrain run leaves for the fault-injection check: final weights and the loss events."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = out / "checkpoints" / checkpoint.tag_for(steps)
+    folder.mkdir(parents=True)
+    torch.save({"module": weights}, folder / "mp_rank_00_model_states.pt")
+    writer = SummaryWriter(log_dir=str(out / "tensorboard" / "run"))
+    for step, loss in losses.items():
+        writer.add_scalar("train/loss", loss, step)
+    writer.close()
+    return out
+
+
+def test_fault_injection_check_catches_one_ulp_one_loss_and_a_partial_folder(tmp_path):
+    """The check behind every trial (the slow test above and the 20-trial script) tells equal from not equal."""
+    from fault_injection import compare
+
+    weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7, "b": torch.ones(3)}
+    losses = {1: 5.5, 2: 5.25, 3: 5.125}
+    expected = final_state(fake_finished_run(tmp_path / "ref", 3, losses, weights), 3)
+    assert compare(fake_finished_run(tmp_path / "same", 3, losses, dict(weights)), 3, expected) == (
+        True, "weights equal, loss trace equal")
+    nudged = {**weights, "w": weights["w"].clone()}
+    nudged["w"][1, 2] = torch.nextafter(nudged["w"][1, 2], torch.tensor(2.0))
+    assert compare(fake_finished_run(tmp_path / "ulp", 3, losses, nudged), 3, expected) == (
+        False, "weights DIFFER, loss trace equal")
+    assert compare(fake_finished_run(tmp_path / "loss", 3, {**losses, 2: 5.0}, weights), 3, expected) == (
+        False, "weights equal, loss trace DIFFERS")
+    partial = fake_finished_run(tmp_path / "partial", 3, losses, weights)
+    (partial / "checkpoints" / f"{checkpoint.PARTIAL}global_step4").mkdir()
+    ok, detail = compare(partial, 3, expected)
+    assert not ok and detail.endswith(f"partial folders left: ['{checkpoint.PARTIAL}global_step4']")
+
+
+def test_fault_injection_script_reports_each_trial_and_fails_if_one_does(tmp_path, monkeypatch, capsys):
+    import fault_injection
+
+    outcomes = iter([(True, "kill after step 3; weights equal"), (False, "kill in save; weights DIFFER"),
+                     (True, "kill after step 9; weights equal")])
+    calls = []
+    monkeypatch.setattr(fault_injection, "make_data", lambda root: root)
+    monkeypatch.setattr(fault_injection, "reference", lambda data, out, steps: ("reference", steps))
+    monkeypatch.setattr(fault_injection, "trial",
+                        lambda data, out, steps, expected, rng: calls.append((out.name, steps, expected))
+                        or next(outcomes))
+    assert fault_injection.main(["--trials", "3", "--steps", "7"]) == 1
+    assert calls == [(f"trial{k}", 7, ("reference", 7)) for k in range(3)]
+    assert capsys.readouterr().out.splitlines() == [
+        "trial 1: ok: kill after step 3; weights equal", "trial 2: FAILED: kill in save; weights DIFFER",
+        "trial 3: ok: kill after step 9; weights equal", "2/3"]
+    monkeypatch.setattr(fault_injection, "trial", lambda *args: (True, "fine"))
+    assert fault_injection.main(["--trials", "2"]) == 0
