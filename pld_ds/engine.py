@@ -18,6 +18,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.config import DeepSpeedConfigError
 
 from pld_ds import checkpoint, pld
@@ -75,6 +76,105 @@ def _wandb_on_own_axes(monitor: Any) -> None:
     wb.write_events = write_events
 
 
+_ZERO3_GRAD_PARTITIONS = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"  # name-mangled
+
+
+class _StaleGradients:
+    """Gives a layer PLD dropped the zero gradient ZeRO-0 gives it, under every ZeRO stage and offload.
+
+    DeepSpeed 0.19.8's ZeRO optimizers keep gradient buffers that persist across steps and that a backward
+    writes only for the parameters it reached: ZeRO-3's flat partition buffer; with offload_optimizer
+    (stages 1, 2, 3) the CPU fp32 gradient the optimizer steps, and for stages 1 and 2 the CPU copies that
+    carry a parameter's sum over the micro-batches of an accumulation window. Without help, a layer dropped
+    for a whole step is stepped with the gradient of the last step it ran in, a layer that ran in the first
+    micro-batch of a window only adds a stale gradient, and with offload a layer that ran in an earlier
+    micro-batch but not the last loses its gradient (the boundary copies only what the last backward
+    reached). So after every step the buffers are zeroed, and before the step the offloaded gradient of a
+    parameter the window reached but its last backward did not is copied as DeepSpeed copies the others
+    (its own deferred-boundary routine, which also records the parameter's norm for clipping). ZeRO 1 and
+    2 without offload need nothing: they rebuild their gradient from the parameters every step.
+    """
+
+    def __init__(self, optimizer: Any, stage: int, offload: bool) -> None:
+        self.opt, self.stage, self.offload = optimizer, stage, offload
+
+    @classmethod
+    def of(cls, engine: Any, source: str) -> _StaleGradients | None:
+        stage, offload = engine.zero_optimization_stage(), bool(engine.zero_cpu_offload())
+        if stage == 0 or (stage < 3 and not offload):
+            return None
+        need = ["grad_partitions_flat_buffer"] if stage == 3 else []
+        if offload:
+            need += (["fp32_partitioned_groups_flat", "_offload_boundary_param_ids", "norm_for_param_grads",
+                      "_offload_grad_partition_at_boundary", "fp16_groups", _ZERO3_GRAD_PARTITIONS] if stage == 3 else
+                     ["single_partition_of_fp32_groups", "accumulated_grads_in_cpu", "_offload_accumulated_param_ids",
+                      "norm_for_param_grads", "params_in_partition", "_restore_cpu_offload_grad_to_gpu",
+                      "set_norm_for_param_grad_in_gpu", "update_offload_overflow_tracker_for_param_grad",
+                      "async_inplace_copy_grad_to_fp32_buffer_from_gpu", "_use_compact_grad_partition_buffer"])
+        missing = [name for name in need if not hasattr(engine.optimizer, name)]
+        if missing:
+            where = f"ZeRO stage {stage}" + (" with offload_optimizer" if offload else "")
+            raise ConfigError(f"{source}: progressive_layer_drop under {where} needs to clear DeepSpeed's gradient "
+                              f"buffers for dropped layers, and this DeepSpeed has no {missing[0]} (written for "
+                              "DeepSpeed 0.19.8); use ZeRO stage 1 or 2 without offload_optimizer")
+        return cls(engine.optimizer, stage, offload)
+
+    def before_step(self) -> None:
+        if not self.offload:
+            return
+        opt, norms, accelerator = self.opt, self.opt.norm_for_param_grads, get_accelerator()
+        if self.stage == 3:
+            partitions = getattr(opt, _ZERO3_GRAD_PARTITIONS)
+            for group in opt.fp16_groups:
+                for param in group:
+                    if param.ds_id in opt._offload_boundary_param_ids and opt.get_param_id(param) not in norms:
+                        grad = partitions[param.ds_id]  # moved to the device as DeepSpeed's finalize does
+                        grad = grad if accelerator.on_accelerator(grad) else grad.to(accelerator.current_device_name())
+                        opt._offload_grad_partition_at_boundary(param, grad, {}, {})
+            return
+        for group_idx, group in enumerate(opt.params_in_partition):
+            for param in group:
+                param_id = opt.get_param_id(param)
+                if param_id not in opt._offload_accumulated_param_ids or param_id in norms:
+                    continue
+                if opt._use_compact_grad_partition_buffer(group_idx):
+                    opt.copy_grads_in_partition(param, group_idx)
+                    continue
+                opt._restore_cpu_offload_grad_to_gpu(param)
+                opt.set_norm_for_param_grad_in_gpu(param)
+                opt.update_offload_overflow_tracker_for_param_grad(param)
+                opt.async_inplace_copy_grad_to_fp32_buffer_from_gpu(param)
+
+    def after_step(self) -> None:
+        opt = self.opt
+        if self.stage == 3:
+            opt.grad_partitions_flat_buffer.zero_()
+            if self.offload:
+                for flat in opt.fp32_partitioned_groups_flat:
+                    if flat.grad is not None:
+                        flat.grad.zero_()
+            return
+        for flat in opt.single_partition_of_fp32_groups:
+            if flat.grad is not None:
+                flat.grad.zero_()
+        for buffer in opt.accumulated_grads_in_cpu.values():
+            buffer.zero_()
+
+
+def _refuse_unsupported(ds_config: dict[str, Any], pld_config: PLDConfig, source: str) -> None:
+    """Configurations the engine cannot train correctly, refused before DeepSpeed starts."""
+    if ds_config.get("managed_gradient_accumulation", True) is not True:
+        raise ConfigError(f"{source}: managed_gradient_accumulation: PLDEngine runs each accumulation window itself "
+                          "(gradient_accumulation_steps micro-batches, then one optimizer step) and needs DeepSpeed to "
+                          "manage the window; remove the key or set it to true")
+    zero = ds_config.get("zero_optimization")
+    offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    if pld_config.enabled and isinstance(offload, dict) and str(offload.get("device", "")).lower() == "nvme":
+        raise ConfigError(f"{source}: zero_optimization.offload_optimizer.device: nvme with progressive_layer_drop "
+                          "would step dropped layers with stale gradients (their NVMe gradient copies cannot be "
+                          "cleared); use device cpu or none")
+
+
 class NonFiniteLoss(UserError):
     pass
 
@@ -104,6 +204,7 @@ class PLDEngine:
             os.environ.setdefault("WANDB_DIR", str(output_dir))  # read by wandb.init inside deepspeed.initialize
         if model_parameters is None:
             model_parameters = [p for p in model.parameters() if p.requires_grad]
+        _refuse_unsupported(ds_config, self.pld, self.config_source)
         try:
             self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
                 model=model, model_parameters=model_parameters, config=ds_config, **initialize_kwargs)
@@ -130,20 +231,15 @@ class PLDEngine:
         self._clip = 0.0
         if self._plain_optimizer:
             self._clip, e._config.gradient_clipping = e.gradient_clipping(), 0.0
+            # Clip in the optimizer's own pre-step hook: whatever decides that a step happens, it is clipped
+            # and its norm is logged (a boundary test of our own could disagree with DeepSpeed's).
+            e.optimizer.register_step_pre_hook(self._clip_before_step)
             if getattr(e, "dp_world_size", None) == 1:
                 e.enable_backward_allreduce = False
             e.zero_grad = self._zero_grad  # DeepSpeed's walks named_parameters() after every step
-        self._zero3 = e.zero_optimization_stage() == 3 and self.pld.enabled
-        if self._zero3 and not hasattr(e.optimizer, "grad_partitions_flat_buffer"):
-            raise ConfigError(f"{self.config_source}: ZeRO stage 3 with progressive_layer_drop needs DeepSpeed's "
-                              "ZeRO-3 gradient buffer to clear the gradients of dropped layers, and this DeepSpeed "
-                              "has none; use ZeRO stage 1 or 2")
+        self._stale = _StaleGradients.of(e, self.config_source) if self.pld.enabled else None
         self._grad_norm: torch.Tensor | None = None
         self._theta_used: float | None = None  # theta of the last training forward: what the last step used
-        # Gates the model reports having drawn (out.gates): per layer [kept, sum of p_l, draws], since the last
-        # pld_scalars() and over this engine's life.
-        self._gates_window: torch.Tensor | None = None
-        self._gates_total: torch.Tensor | None = None
         self.module.register_forward_pre_hook(self._inject_pld, with_kwargs=True)
 
     # -- PLD ------------------------------------------------------------------------------------
@@ -164,7 +260,8 @@ class PLDEngine:
     def _inject_pld(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not (self.pld.enabled and module.training):
             return None
-        kwargs = {**kwargs, "progressive_layer_drop": True, "pld_theta": self.get_pld_theta()}
+        self._theta_used = self.get_pld_theta()
+        kwargs = {**kwargs, "progressive_layer_drop": True, "pld_theta": self._theta_used}
         if self._passes_generator:
             kwargs["pld_generator"] = pld.gate_generator(self.seed, self.engine.global_steps, self._micro_step)
         return args, kwargs
@@ -196,30 +293,28 @@ class PLDEngine:
         self.engine.backward(loss)
 
     def step(self) -> None:
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        if boundary and self._plain_optimizer:
-            # DeepSpeed's fp16/bf16/ZeRO optimizers report the norm. A tensor, so no sync here; read when logging.
-            for p in self._params:
-                if p.grad is None:  # a layer PLD dropped in every micro-batch: zero, as DeepSpeed's all-reduce made it
-                    p.grad = torch.zeros_like(p)
-            self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._params]) if self._params else None
-            if self._params and self._clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(self._params, self._clip, self._grad_norm)
+        if self._stale is not None and self.engine.is_gradient_accumulation_boundary():
+            self._stale.before_step()
+        steps = self.engine.global_steps
         self.engine.step()
-        if boundary and self._zero3:
-            self._clear_zero3_gradients()
-        self._micro_step = 0 if boundary else self._micro_step + 1
+        stepped = self.engine.global_steps != steps
+        if stepped and self._stale is not None:
+            self._stale.after_step()
+        self._micro_step = 0 if stepped else self._micro_step + 1
+
+    def _clip_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Before every step of a plain torch optimizer: gradient norm (a tensor, so no sync here; read when
+        logging) and clipping with foreach kernels. DeepSpeed's fp16/bf16/ZeRO optimizers do both themselves."""
+        for p in self._params:
+            if p.grad is None:  # a layer PLD dropped in every micro-batch: zero, as DeepSpeed's all-reduce made it
+                p.grad = torch.zeros_like(p)
+        self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._params]) if self._params else None
+        if self._params and self._clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self._params, self._clip, self._grad_norm)
 
     def _zero_grad(self) -> None:
         for p in self._all_params:
             p.grad = None
-
-    def _clear_zero3_gradients(self) -> None:
-        """ZeRO-3 keeps every gradient partition in one flat buffer that a backward only overwrites for the
-        parameters it reached, and steps the whole buffer. A layer that PLD dropped for a whole step would
-        be stepped with the gradient of the last step it ran in (DeepSpeed 0.19.8; ZeRO 1 and 2 step it with a
-        zero gradient). Zeroing the buffer after each step makes ZeRO-3 match them: one memset per step."""
-        self.engine.optimizer.grad_partitions_flat_buffer.zero_()
 
     def train_batch(self, batches: Iterator[dict[str, torch.Tensor]], max_nonfinite: int = 0
                     ) -> dict[str, torch.Tensor]:
@@ -245,7 +340,6 @@ class PLDEngine:
                                         "stopping; lower the learning rate or resume from an earlier checkpoint")
                 continue
             self._nonfinite_run = 0
-            self._count_gates(getattr(out, "gates", None))
             self.backward(out.loss)
             self.step()
             done += 1
@@ -284,38 +378,13 @@ class PLDEngine:
         the step's end, so get_pld_theta() is already the next step's); theta(0) before the first."""
         return self.get_pld_theta() if self._theta_used is None else self._theta_used
 
-    def _count_gates(self, gates: list[tuple[bool, float]] | None) -> None:
-        if not gates:
-            return
-        drawn = torch.tensor([[float(kept), float(p), 1.0] for kept, p in gates], dtype=torch.float64)
-        for name in ("_gates_window", "_gates_total"):
-            counts = getattr(self, name)
-            setattr(self, name, drawn if counts is None else counts + drawn)
-
     def pld_scalars(self) -> dict[str, float]:
-        """theta and the expected depth of the step just taken, for the row of step global_steps; and, when the
-        model reports its gates, per layer k (1-based) the share of micro-batches that kept it since the last
-        call (train/keep_rate/layer_k) beside the mean keep probability p_l they were drawn with
-        (train/keep_prob/layer_k)."""
+        """theta and the expected depth of the step just taken, for the row of step global_steps."""
         theta_used = self.theta_used()
         scalars = {"train/pld_theta": theta_used}
         if self.num_layers is not None:
             scalars["train/expected_depth"] = pld.expected_depth(self.num_layers, theta_used)
-        if self._gates_window is not None:
-            for k, (kept, p_sum, draws) in enumerate(self._gates_window.tolist(), start=1):
-                scalars[f"train/keep_rate/layer_{k}"] = kept / draws
-                scalars[f"train/keep_prob/layer_{k}"] = p_sum / draws
-            self._gates_window = None
         return scalars
-
-    def keep_summary(self) -> list[str]:
-        """The gates drawn over this engine's life: per layer, how often it was kept against the mean p_l."""
-        if self._gates_total is None:
-            return []
-        rows = self._gates_total.tolist()
-        lines = [f"PLD gates drawn over {int(rows[0][2])} micro-batches (layer: kept share / mean p_l):"]
-        lines.append("  " + "  ".join(f"{k}: {kept / n:.3f}/{p / n:.3f}" for k, (kept, p, n) in enumerate(rows, 1)))
-        return lines
 
     def write_scalars(self, scalars: dict[str, float], step: int | None = None) -> None:
         """To every monitor enabled in the config (tensorboard, csv_monitor, wandb, comet); rank 0 only."""

@@ -136,3 +136,82 @@ def test_shm_buffers_of_our_ports_are_removed(tmp_path):
     (tmp_path / "deepspeed_allreduce_buffer_0_127.0.0.1_40002_0").write_bytes(b"x")  # not ours
     assert remove_shm_buffers([40001], tmp_path) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["deepspeed_allreduce_buffer_0_127.0.0.1_40002_0"]
+
+
+# -- a dropped layer gets the zero gradient ZeRO-0 gives it, under every ZeRO stage and offload ------------------
+
+OFFLOAD_WORKER = REPO / "tests" / "dist_offload_worker.py"
+FP32_CASES = [f"{zero}:{gas}:fp32" for gas in (1, 2)
+              for zero in ("0:none", "1:none", "1:opt", "2:none", "2:opt", "3:none", "3:opt", "3:opt+param")]
+BF16_CASES = [f"{zero}:2:bf16" for zero in ("2:opt", "3:opt")]
+TWO_RANK_CASES = [f"{zero}:2:fp32" for zero in ("0:none", "1:opt", "2:opt", "3:opt")]
+
+
+def offload_results(folder: Path) -> dict[str, tuple[list[dict], list[float]]]:
+    import torch
+
+    summary = json.loads((folder / "out.json").read_text())
+    return {r["case"]: (torch.load(folder / f"{r['case'].replace(':', '_')}.pt"), r["norms"]) for r in summary}
+
+
+@pytest.fixture(scope="module")
+def offload_one_rank(tmp_path_factory):
+    """One process runs every case: DeepSpeed re-initialises in the same process, a second or two per case."""
+    import sys
+
+    tmp = tmp_path_factory.mktemp("offload_one_rank")
+    cmd = [sys.executable, str(OFFLOAD_WORKER), "--out", str(tmp / "out.json"), "--cases", *FP32_CASES, *BF16_CASES]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return offload_results(tmp)
+
+
+@pytest.fixture(scope="module")
+def offload_two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("offload_two_ranks")
+    proc = launch([str(OFFLOAD_WORKER), "--out", str(tmp / "out.json"), "--cases", *TWO_RANK_CASES], tmp / "log.txt")
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return offload_results(tmp)
+
+
+def check_against_zero0(results: dict, case: str) -> None:
+    """Forced gates (see dist_offload_worker.py), plain SGD and active clipping: a layer dropped for a whole step
+    stays exactly where it was; a layer that ran in one micro-batch of the window moves; and every weight and
+    gradient norm is ZeRO-0's up to fp32 rounding (bf16: up to bf16 rounding)."""
+    import torch
+    from dist_offload_worker import CLIP
+
+    weights, norms = results[case]
+    gas, precision = int(case.split(":")[2]), case.split(":")[3]
+    reference, reference_norms = results[f"0:none:{gas}:fp32"]
+
+    def layer(step: int, index: int) -> dict:
+        return {k: v for k, v in weights[step].items() if k.startswith(f"encoder.layers.{index}.")}
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    # weights[s] is after s steps; layer 3 ran in step 0 only, and its weights never move again
+    assert not same(layer(1, 3), layer(0, 3))
+    assert same(layer(2, 3), layer(1, 3)) and same(layer(3, 3), layer(1, 3)), "a dropped layer moved"
+    if gas == 2:  # layers 1 and 2 ran in one of the two micro-batches of steps 1 and 2: real gradients
+        assert all(not same(layer(s + 1, i), layer(s, i)) for s in (1, 2) for i in (1, 2))
+    else:  # layer 2 dropped in step 1, layer 1 in step 2
+        assert same(layer(2, 2), layer(1, 2)) and same(layer(3, 1), layer(2, 1))
+        assert not same(layer(3, 2), layer(2, 2)) and not same(layer(2, 1), layer(1, 1))
+    assert all(n > CLIP for n in reference_norms)  # clipping was active: a wrong norm moves every weight
+    tol = dict(rtol=0, atol=2e-6) if precision == "fp32" else dict(rtol=0, atol=5e-3)
+    assert norms == pytest.approx(reference_norms, rel=1e-5 if precision == "fp32" else 5e-3)
+    for step, (mine, theirs) in enumerate(zip(weights, reference, strict=True)):
+        for name, tensor in theirs.items():
+            torch.testing.assert_close(mine[name], tensor, **tol, msg=f"{case} step {step} {name}")
+
+
+@pytest.mark.parametrize("case", FP32_CASES + BF16_CASES)
+def test_dropped_layers_get_zero0s_gradient_under_every_zero_stage_and_offload(offload_one_rank, case):
+    check_against_zero0(offload_one_rank, case)
+
+
+@pytest.mark.parametrize("case", TWO_RANK_CASES)
+def test_dropped_layers_get_zero0s_gradient_with_offload_on_two_ranks(offload_two_ranks, case):
+    check_against_zero0(offload_two_ranks, case)

@@ -158,27 +158,36 @@ def test_theta_is_logged_to_the_csv_monitor(tmp_path):
     csv_dir = tmp_path / "run" / "csv" / "run"
     theta_rows = read_csv_scalar(csv_dir / "train_pld_theta.csv")
     assert [s for s, _ in theta_rows] == [1, 2, 3, 4, 5, 6]
-    for step, value in theta_rows:
-        assert value == pytest.approx(pld.theta(step, 0.5, 0.01), rel=1e-12)
+    for step, value in theta_rows:  # the row of step s: what step s ran with, theta(s - 1)
+        assert value == pytest.approx(pld.theta(step - 1, 0.5, 0.01), rel=1e-12)
     values = [v for _, v in theta_rows]
     assert all(a > b for a, b in pairwise(values))
     depth_rows = read_csv_scalar(csv_dir / "train_expected_depth.csv")
     assert [s for s, _ in depth_rows] == [1, 2, 3, 4, 5, 6]
     for step, value in depth_rows:
-        assert value == pytest.approx(pld.expected_depth(4, pld.theta(step, 0.5, 0.01)), rel=1e-12)
+        assert value == pytest.approx(pld.expected_depth(4, pld.theta(step - 1, 0.5, 0.01)), rel=1e-12)
     assert len(read_csv_scalar(csv_dir / "train_loss.csv")) == 6
     # TensorBoard is enabled in the same config and writes under the output folder too
     assert list((tmp_path / "run" / "tensorboard" / "run").glob("events.out.tfevents.*"))
 
 
-def test_pld_scalars(tmp_path):
-    engine = make_engine(tmp_path)
+def test_pld_scalars_are_what_the_step_ran_with(tmp_path):
+    """theta moves at the end of a step: the scalars of step s are theta(s - 1), what its forwards used, while
+    get_pld_theta() is already the next step's theta(s)."""
+    engine = make_engine(tmp_path, config=ds_config(gas=2))
     assert engine.pld_scalars() == {"train/pld_theta": 1.0, "train/expected_depth": 4.0}
-    engine.train_batch(iter(batches(1)))
-    theta_now = pld.theta(1, 0.5, 0.01)
-    assert engine.pld_scalars() == {"train/pld_theta": theta_now,
-                                    "train/expected_depth": pld.expected_depth(4, theta_now)}
-    assert engine.expected_depth() == pytest.approx(4 - (1 - theta_now) * 5 / 2)
+    for step in range(1, 4):
+        engine.train_batch(iter(batches(2, start=2 * step)))
+        used = pld.theta(step - 1, 0.5, 0.01)
+        assert engine.module.calls[-1]["pld_theta"] == engine.module.calls[-2]["pld_theta"] == used
+        assert engine.pld_scalars() == {"train/pld_theta": used, "train/expected_depth": pld.expected_depth(4, used)}
+        assert engine.get_pld_theta() == pld.theta(step, 0.5, 0.01) < used
+    assert engine.expected_depth() == pytest.approx(4 - (1 - pld.theta(3, 0.5, 0.01)) * 5 / 2)
+    # an evaluation in between runs every layer at theta 1 and changes nothing of this
+    engine.eval()
+    with torch.no_grad():
+        engine(**on_device(engine, batches(1)[0]))
+    assert engine.pld_scalars()["train/pld_theta"] == pld.theta(2, 0.5, 0.01)
 
 
 # -- (c) schedule and gradient accumulation -------------------------------------------------------
@@ -390,3 +399,51 @@ def test_engine_step_equals_a_plain_torch_loop(tmp_path, precision):
     assert dropped  # some layer was dropped for a whole step
     for (name, mine), theirs in zip(engine.module.state_dict().items(), replica.state_dict().values(), strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("managed_gradient_accumulation", False, "managed_gradient_accumulation"),
+    ("zero_optimization", {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}},
+     r"zero_optimization\.offload_optimizer\.device: nvme"),
+])
+def test_configs_that_would_train_wrong_are_refused_before_deepspeed_starts(tmp_path, monkeypatch, key, value, match):
+    """managed_gradient_accumulation false made every micro-batch an optimizer step of its own, with clipping and
+    grad_norm gone; NVMe optimizer offload keeps gradients the engine cannot clear for dropped layers."""
+    import deepspeed
+
+    def no_start(*args, **kwargs):
+        raise AssertionError("deepspeed.initialize was called")
+
+    monkeypatch.setattr(deepspeed, "initialize", no_start)
+    path = write_json(tmp_path / "bad.json", ds_config(pld_block={"enabled": True, "theta": 0.5, "gamma": 0.01},
+                                                       **{key: value}))
+    with pytest.raises(ConfigError, match=match) as info:
+        PLDEngine(BertForPreTraining(tiny_config()), path, output_dir=tmp_path / "out")
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_plain_optimizer_is_clipped_at_every_step_it_takes(tmp_path):
+    """Clipping hangs on the optimizer's own pre-step hook: however DeepSpeed decides that a step happens (here a
+    boundary forced after the first micro-batch of a window of 4), that step is clipped and its norm logged."""
+    config = ds_config(gas=4, pld_block={"enabled": False}, gradient_clipping=1e-3)
+    for key in ("scheduler", "optimizer"):
+        config.pop(key)
+    torch.manual_seed(0)
+    model = BertForPreTraining(tiny_config())
+    replica = BertForPreTraining(tiny_config())
+    replica.load_state_dict(model.state_dict())
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine = PLDEngine(model, config, output_dir=tmp_path / "run", optimizer=sgd)
+    batch = batches(1)[0]
+    out = engine(**on_device(engine, batch))
+    engine.backward(out.loss)
+    engine.engine.set_gradient_accumulation_boundary(True)
+    engine.step()
+    assert engine.global_steps == 1
+    (replica(**batch).loss / 4).backward()
+    expected = torch.nn.utils.clip_grad_norm_(replica.parameters(), 1e-3)
+    assert float(expected) > 1e-3  # clipping was active
+    torch.optim.SGD(replica.parameters(), lr=1.0).step()
+    assert engine.optimizer_scalars()["train/grad_norm"] == pytest.approx(float(expected), rel=1e-5)
+    for (name, mine), theirs in zip(engine.module.state_dict().items(), replica.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7, msg=name)
