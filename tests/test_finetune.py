@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -31,6 +32,7 @@ from pld_ds.finetune.glue import (
 )
 from pld_ds.finetune.run import (
     CheckpointBackbone,
+    Encoded,
     HParams,
     linear_warmup_decay,
     main,
@@ -389,6 +391,40 @@ def test_cli_errors_are_one_line(case, glue_dir, tmp_path, capsys, request):
     assert len(err) == 1 and err[0].startswith("pld-finetune: error: ") and fragment in err[0], err
 
 
+def test_output_and_device_are_checked_before_the_model_loads(glue_dir, tmp_path, capsys):
+    """Results are written after the whole sweep: an --output that cannot take them, or a --device that is not
+    there, must fail first (here before the --init folder, which is no checkpoint, is even read)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    common = ["--init", str(tmp_path), "--data", str(glue_dir), "--tasks", "rte"]
+    cases = [(["--output", str(blocker / "out")], f"--output {blocker / 'out'}: cannot create the folder")]
+    if not torch.cuda.is_available():
+        cases.append((["--output", str(tmp_path / "o"), "--device", "cuda"], "--device cuda: no CUDA device here"))
+    for extra, fragment in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*common, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and fragment in err[0], err
+
+
+def test_results_are_written_whole(tmp_path, monkeypatch):
+    """summary.md and results.json are renamed into place: a failed write leaves the previous ones whole."""
+    import pld_ds.checkpoint
+    from pld_ds.finetune.run import write_outputs
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.json").write_text('{"old": true}')
+
+    def no_space(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pld_ds.checkpoint.os, "replace", no_space)
+    with pytest.raises(OSError, match="No space"):
+        write_outputs(out, [], "x", argparse.Namespace())
+    assert (out / "results.json").read_text() == '{"old": true}' and not (out / "summary.md").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--hf", "x", "--vocab", "v.txt"], "go with --init"),
     (["--init", "x", "--lr", "abc"], "comma-separated floats"),
@@ -433,3 +469,38 @@ def test_earlybert_needs_a_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--hf", str(tmp_path), "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--earlybert", "x"])
     assert exit_.value.code == 2 and "--earlybert go with --init" in capsys.readouterr().err
+
+
+class _BagOfWords(torch.nn.Module):
+    def __init__(self, num_labels: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.EmbeddingBag(20, 8)
+        self.out = torch.nn.Linear(8, num_labels)
+
+    def forward(self, input_ids, token_type_ids, attention_mask):
+        return self.out(self.embed(input_ids, per_sample_weights=attention_mask.float(), mode="sum"))
+
+
+class _BagBackbone:
+    """A stand-in backbone: the training loop's logging does not depend on the encoder."""
+
+    pad_id = 0
+
+    def classifier(self, num_labels: int) -> torch.nn.Module:
+        return _BagOfWords(num_labels)
+
+
+def test_progress_is_printed_within_each_epoch():
+    task = get_task("sst-2")
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 20, (6,), generator=g).tolist() for _ in range(40)]
+    data = Encoded(ids, [[0] * 6] * 40, torch.tensor([i % 2 for i in range(40)]))
+    lines: list[str] = []
+    train_and_evaluate(task, _BagBackbone(), data, data, HParams(lr=1e-2, batch_size=4, epochs=2, seed=0, log_every=3),
+                       torch.device("cpu"), log=lines.append)
+    progress = [line for line in lines if " step " in line]
+    # 10 steps per epoch: lines after steps 3, 6 and 9 of each epoch, then the epoch's own line
+    assert [line.split(" step ")[1].split()[0] for line in progress] == ["3/10", "6/10", "9/10"] * 2
+    assert all("train_loss" in line and "examples/s" in line and "epoch" in line for line in progress)
+    assert "epoch 1/2" in progress[0] and "epoch 2/2" in progress[-1]
+    assert [i for i, line in enumerate(lines) if "epoch 1/2  train_loss" in line] == [3]

@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -373,16 +374,39 @@ def summary_markdown(results: Sequence[RunResult], init: str) -> str:
 
 
 def write_outputs(out: Path, results: Sequence[RunResult], init: str, args: argparse.Namespace) -> str:
+    """summary.md and results.json, each written whole or not at all (renamed into place)."""
+    from pld_ds.checkpoint import write_text_atomic
+
     out.mkdir(parents=True, exist_ok=True)
     text = summary_markdown(results, init)
-    (out / "summary.md").write_text(text)
+    write_text_atomic(out / "summary.md", text)
     record = {"init": init, "args": vars(args),
               "best": {task: {"metric": get_task(task).metrics[0], "score": r.headline(), "lr": r.hparams.lr,
                               "batch_size": r.hparams.batch_size, "epochs": r.hparams.epochs,
                               "seed": r.hparams.seed} for task, r in best_runs(results).items()},
               "runs": [{**asdict(r), "hparams": asdict(r.hparams)} for r in results]}
-    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(record, indent=2) + "\n")
     return text
+
+
+def check_output(out: Path) -> None:
+    """The results are written after the whole sweep: a folder that cannot take them must fail now, not then."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output {out}: cannot create the folder ({err.strerror or err})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--output {out}: not writable (expected a folder for summary.md and results.json)")
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"--device {name}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device here (torch {torch.__version__} sees none); use --device cpu")
+    return device
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -456,16 +480,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[RunResult]:
     for name in args.tasks:  # every input is checked before the model is loaded
         task_folder(Path(args.data), get_task(name))
+    device = parse_device(args.device)
+    check_output(Path(args.output))
     if args.init:
         backbone: Backbone = CheckpointBackbone(args.init, args.vocab, args.lowercase, args.model)
     else:
         backbone = HFBackbone(args.hf)
     if args.max_seq_length > backbone.max_length:
         raise UserError(f"--max-seq-length {args.max_seq_length}: the model has {backbone.max_length} positions")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        raise UserError(f"--device {args.device}: {err}") from None
     log(f"pld-finetune: {backbone.name} on {', '.join(get_task(t).name for t in args.tasks)}, device {device}")
     results = sweep(args, backbone, device, log)
     log(write_outputs(Path(args.output), results, backbone.name, args))
