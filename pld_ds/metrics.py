@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from pld_ds.data.schema import IGNORE_INDEX
 from pld_ds.model import BertConfig
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device name, for MFU.
@@ -61,15 +63,79 @@ def training_flops_per_sequence(
     return encoder_flops_per_sequence(cfg, seq_len, layers) + head_flops_per_sequence(cfg, masked_per_seq)
 
 
-class Throughput:
-    """Samples per second between two calls of `tick`, from the wall clock."""
+def batch_flops(cfg: BertConfig, batch: Mapping[str, torch.Tensor], layers: float | Sequence[float] | None = None
+                ) -> float:
+    """Training FLOPs of one micro-batch as it was computed: its rows at the length it was cut to (so
+    --bin-by-length batches count their own length, not the shard's) and its labelled positions."""
+    rows, seq_len = batch["input_ids"].shape
+    masked = int((batch["masked_lm_labels"] != IGNORE_INDEX).sum()) if "masked_lm_labels" in batch else 0
+    return rows * encoder_flops_per_sequence(cfg, seq_len, layers) + head_flops_per_sequence(cfg, masked)
 
-    def __init__(self, samples: int = 0) -> None:
-        self._time = time.perf_counter()
-        self._samples = samples
 
-    def tick(self, samples: int) -> float:
+class CountedBatches:
+    """Wraps the training batches and keeps each micro-batch's shape and labels until `drain()`, so the meter
+    counts what the engine computed (every micro-batch of the accumulation window, at its own length)."""
+
+    def __init__(self, batches: Iterator[dict[str, torch.Tensor]]) -> None:
+        self._batches = batches
+        self._seen: list[dict[str, torch.Tensor]] = []
+
+    def __iter__(self) -> CountedBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = next(self._batches)
+        self._seen.append({k: batch[k] for k in ("input_ids", "masked_lm_labels") if k in batch})
+        return batch
+
+    def drain(self) -> list[dict[str, torch.Tensor]]:
+        seen, self._seen = self._seen, []
+        return seen
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Throughput over one interval between log lines: every rate on a log line is this one."""
+
+    steps: int
+    seconds: float
+    samples: float  # all ranks
+    flops: float  # all ranks
+
+    @property
+    def samples_per_sec(self) -> float:
+        return self.samples / self.seconds
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / self.seconds / 1e12
+
+    @property
+    def sec_per_step(self) -> float:
+        return self.seconds / max(self.steps, 1)
+
+
+class Meter:
+    """Samples and training FLOPs of the steps since the last report, and the wall time they took.
+
+    `count` after every step with the micro-batches it computed and the keep probabilities it ran with;
+    `report` at a log step: the rates over the interval since the previous report (or since the meter
+    started, at the first step this process runs: a resumed run counts only its own steps)."""
+
+    def __init__(self, step: int) -> None:
+        self._time, self._step = time.perf_counter(), step
+        self._samples, self._flops = 0, 0.0
+
+    def count(self, cfg: BertConfig, batches: Sequence[Mapping[str, torch.Tensor]],
+              layers: float | Sequence[float] | None = None) -> None:
+        for batch in batches:
+            self._samples += int(batch["input_ids"].shape[0])
+            self._flops += batch_flops(cfg, batch, layers)
+
+    def report(self, step: int, all_ranks: Callable[[list[float]], list[float]] = lambda v: v) -> Rates:
+        """``all_ranks`` sums [samples, flops] over the data-parallel ranks (each counted its own rows)."""
         now = time.perf_counter()
-        rate = (samples - self._samples) / max(now - self._time, 1e-9)
-        self._time, self._samples = now, samples
-        return rate
+        samples, flops = all_ranks([float(self._samples), self._flops])
+        rates = Rates(steps=step - self._step, seconds=max(now - self._time, 1e-9), samples=samples, flops=flops)
+        self._time, self._step, self._samples, self._flops = now, step, 0, 0.0
+        return rates

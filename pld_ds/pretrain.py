@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -29,8 +30,8 @@ from pld_ds.data.loader import ShardBatches
 from pld_ds.data.masking import DynamicMasking
 from pld_ds.data.shards import ShardError, find_shards
 from pld_ds.errors import ArgumentParser, UserError, one_line_errors
-from pld_ds.model import BertConfig, BertForPreTraining
-from pld_ds.progress import Progress
+from pld_ds.model import BertForPreTraining
+from pld_ds.progress import Progress, format_duration
 
 BERT_VOCAB_SIZE = 30522
 TICKET_FILE = "ticket.json"  # the slim model's BertConfig, once EarlyBERT drew it
@@ -297,18 +298,20 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
         ckpt.save(engine, {"data": train.state_dict(), "rng": rng_state(), "config": resolved},
                   step=offset + engine.global_steps)
 
-    batches, meter, scalars = iter(train), metrics.Throughput(engine.global_steps * train.global_batch), {}
+    batches, meter, scalars = metrics.CountedBatches(iter(train)), metrics.Meter(offset + engine.global_steps), {}
     progress = Progress(args.max_steps, offset + engine.global_steps, enabled=rank == 0)
     with checkpoint.Preemption() as preemption, progress:
         while offset + engine.global_steps < args.max_steps:
             losses = engine.train_batch(batches, max_nonfinite=args.nan_patience)
             step = offset + engine.global_steps  # one axis for search and slim phases
+            meter.count(cfg, batches.drain(), pld.keep_probs(cfg.num_layers, engine.theta_used()))
             if step % args.log_interval == 0 or step == args.max_steps:
-                scalars = train_scalars(engine, losses, meter.tick(step * train.global_batch), cfg, train.seq_len)
+                rates = meter.report(step, functools.partial(sum_over_ranks, device=engine.device))
+                scalars = train_scalars(engine, losses, rates)
                 engine.write_scalars(scalars, step)
                 line = f"step {step:>6}  " + "  ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in scalars.items()
                                                     if k.count("/") == 1)  # per-layer keep rates: TensorBoard only
-                progress.write(line if progress.interactive else f"{line}  {progress.status()}")
+                progress.write(f"{line}  {interval_status(rates, args.max_steps - step)}")
             if valid and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
                 results = evaluate(engine, valid, args.eval_batches)
                 engine.write_scalars(results, step)
@@ -367,18 +370,31 @@ def draw_ticket(search: Any, engine: Any, resolved: dict[str, Any], step: int, s
     return PLDEngine(slim, args.deepspeed_config, seed=args.seed, output_dir=output)
 
 
-def train_scalars(engine: Any, losses: dict[str, torch.Tensor], samples_per_sec: float, cfg: BertConfig,
-                  seq_len: int) -> dict[str, float]:
-    probs = pld.keep_probs(cfg.num_layers, engine.get_pld_theta())
-    flops = metrics.training_flops_per_sequence(cfg, seq_len, 0.15 * seq_len, probs)
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def interval_status(rates: metrics.Rates, steps_left: int) -> str:
+    """The end of a log line: step time and ETA from the same interval as the line's samples/s and TFLOP/s."""
+    return (f"{rates.sec_per_step:.3g} s/step  eta {format_duration(steps_left * rates.sec_per_step)}  "
+            f"(rates over the last {rates.steps} steps)")
+
+
+def train_scalars(engine: Any, losses: dict[str, torch.Tensor], rates: metrics.Rates) -> dict[str, float]:
+    """The row of the step just taken: its losses, the theta it ran with, and throughput over the interval since
+    the previous row (all ranks, every micro-batch of each accumulation window, FLOPs at the lengths computed)."""
     scalars = {f"train/{k}": v.item() for k, v in losses.items()}
     scalars.update(engine.pld_scalars())
-    tflops = samples_per_sec * flops / 1e12  # all ranks together
-    scalars.update({"train/lr": engine.get_lr(), "train/samples_per_sec": samples_per_sec, "train/tflops": tflops})
+    scalars.update({"train/lr": engine.get_lr(), "train/samples_per_sec": rates.samples_per_sec,
+                    "train/tflops": rates.tflops})
     peak = metrics.peak_tflops(metrics.device_name())
     if peak:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        scalars["train/mfu"] = tflops / (peak * world)
+        scalars["train/mfu"] = rates.tflops / (peak * world)
     scalars.update(engine.optimizer_scalars())
     if engine.nonfinite_skipped:
         scalars["train/skipped_nonfinite"] = float(engine.nonfinite_skipped)

@@ -60,7 +60,8 @@ def test_pretrain_on_two_ranks(tmp_path, data_dir, stage, bf16):
     losses = read_csv_scalar(csv_dir / "train_loss.csv")
     assert [s for s, _ in losses] == [2, 4]
     assert all(math.isfinite(v) and 0 < v < 20 for _, v in losses)
-    assert read_csv_scalar(csv_dir / "train_pld_theta.csv") == [(s, pld.theta(s, 0.5, gamma)) for s in (2, 4)]
+    # the row of step s holds the theta step s ran with, theta(s - 1)
+    assert read_csv_scalar(csv_dir / "train_pld_theta.csv") == [(s, pld.theta(s - 1, 0.5, gamma)) for s in (2, 4)]
     eval_loss = read_csv_scalar(csv_dir / "eval_mlm_loss.csv")
     assert len(eval_loss) == 1 and math.isfinite(eval_loss[0][1])
     # each rank removed DeepSpeed's CPU all-reduce buffer at exit
