@@ -168,6 +168,7 @@ class HParams:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     eval_batch_size: int = 64
+    log_every: int = 0  # print progress every this many steps within an epoch (0: about ten lines per epoch)
 
 
 @dataclass
@@ -268,14 +269,18 @@ def train_and_evaluate(task: Task, backbone: Backbone, train: Encoded, dev: Enco
     order = torch.Generator().manual_seed(hp.seed)
     result = RunResult(task.name, hp, len(train), len(dev), {})
     step = 0
+    log_every = hp.log_every or max(1, steps_per_epoch // 10)
     for epoch in range(1, hp.epochs + 1):
         model.train()
         loss_sum = 0.0
+        window = [0.0, 0, time.perf_counter()]  # loss sum, examples, clock since the last progress line
         indices = torch.randperm(len(train), generator=order).tolist()
-        for batch in batches(train, indices, hp.batch_size, backbone.pad_id, device):
+        for in_epoch, batch in enumerate(batches(train, indices, hp.batch_size, backbone.pad_id, device), start=1):
             labels = batch.pop("labels")
             loss = loss_fn(task, model(**batch), labels)
             loss_sum += loss.item() * len(labels)
+            window[0] += loss.item() * len(labels)
+            window[1] += len(labels)
             if search is not None:
                 loss = loss + search.penalty(model.model)
             optimizer.zero_grad(set_to_none=True)
@@ -284,6 +289,13 @@ def train_and_evaluate(task: Task, backbone: Backbone, train: Encoded, dev: Enco
             optimizer.step()
             scheduler.step()
             step += 1
+            if in_epoch % log_every == 0 and in_epoch < steps_per_epoch:
+                rate = window[1] / max(time.perf_counter() - window[2], 1e-9)
+                left = (len(train) * (hp.epochs - epoch + 1) - in_epoch * hp.batch_size) / rate
+                log(f"  {task.name} seed {hp.seed}  epoch {epoch}/{hp.epochs}  step {in_epoch}/{steps_per_epoch}  "
+                    f"train_loss {window[0] / window[1]:.4f}  lr {scheduler.get_last_lr()[0]:.3g}  "
+                    f"{rate:.1f} examples/s  ~{left / 60:.1f} min left in training")
+                window = [0.0, 0, time.perf_counter()]
             if search is not None and search.observe(step, model.model):
                 model.model = search.draw(model.model, seq_len=max(len(ids) for ids in train.input_ids)).to(device)
                 for line in search.report.lines():
@@ -333,7 +345,8 @@ def sweep(args: argparse.Namespace, backbone: Backbone, device: torch.device,
         log(f"{task.name}: {len(train)} train, {len(dev)} dev examples from {folder}")
         for lr, batch_size, epochs, seed in itertools.product(args.lr, args.batch_size, args.epochs, args.seed):
             hp = HParams(lr=lr, batch_size=batch_size, epochs=epochs, seed=seed, weight_decay=args.weight_decay,
-                         warmup_ratio=args.warmup_ratio, eval_batch_size=args.eval_batch_size)
+                         warmup_ratio=args.warmup_ratio, eval_batch_size=args.eval_batch_size,
+                         log_every=args.log_every)
             results.append(train_and_evaluate(task, backbone, train, dev, hp, device, log, earlybert_cfg))
     return results
 
@@ -461,6 +474,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = p.parse_args(argv)
+    if args.log_every < 0:
+        p.error("--log-every must be >= 0")
     for name in ("max_seq_length", "max_train_samples", "max_eval_samples", "eval_batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
