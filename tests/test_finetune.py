@@ -474,11 +474,11 @@ def test_earlybert_needs_a_checkpoint(tmp_path, capsys):
 class _BagOfWords(torch.nn.Module):
     def __init__(self, num_labels: int) -> None:
         super().__init__()
-        self.embed = torch.nn.EmbeddingBag(20, 8)
+        self.embed = torch.nn.EmbeddingBag(20, 8, mode="sum")
         self.out = torch.nn.Linear(8, num_labels)
 
     def forward(self, input_ids, token_type_ids, attention_mask):
-        return self.out(self.embed(input_ids, per_sample_weights=attention_mask.float(), mode="sum"))
+        return self.out(self.embed(input_ids, per_sample_weights=attention_mask.float()))
 
 
 class _BagBackbone:

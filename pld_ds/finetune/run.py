@@ -464,6 +464,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of the steps with linear warm-up")
     p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--log-every", type=int, default=0, metavar="STEPS",
+                   help="progress line every STEPS training steps within an epoch (default: about ten per epoch)")
     p.add_argument("--vocab", metavar="FILE", help="with --init: vocab.txt (default: the run's data manifest)")
     p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None,
                    help="with --init: lower-case text (default: the manifest's setting, else guessed from the vocab)")
