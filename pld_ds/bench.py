@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -166,6 +167,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     if args.precision in ("fp16",) and not torch.cuda.is_available():
         raise UserError("--precision fp16: needs a CUDA device (use bf16 or fp32 on CPU)")
     cfg = model_config(args.model, hidden_dropout=args.dropout, attention_dropout=args.dropout)
+    if args.seq_len > cfg.max_position_embeddings:
+        raise UserError(f"--seq-len {args.seq_len}: the {args.model} model has {cfg.max_position_embeddings} positions")
     name, peak = device_name(), peak_tflops(device_name())
     masked = max(1, round(0.15 * args.seq_len))
     hf = bench_hf(cfg, args) if args.hf else None
@@ -224,16 +227,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hf", action="store_true", help="also time transformers.BertForPreTraining (sdpa)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("seq_len", "micro_batch", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    bad = [t for t in args.theta if not 0.0 < t <= 1.0]  # also NaN
+    if bad:
+        p.error(f"--theta {bad[0]}: expected values in (0, 1] (1.0: PLD off)")
+    return args
+
+
+def check_json_path(path: Path) -> None:
+    """The rows are written after minutes of timing: a --json that cannot take them must fail first."""
+    folder = path.parent
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        what = "is a folder" if path.is_dir() else f"no writable folder {folder}"
+        raise UserError(f"--json {path}: {what} (expected a file name in a writable folder)")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with one_line_errors("pld-bench"):
+        if args.json:
+            check_json_path(Path(args.json))
         rows = run(args)
-    print(table(rows), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        print(table(rows), flush=True)
+        if args.json:
+            from pld_ds.checkpoint import write_text_atomic
+
+            write_text_atomic(Path(args.json), json.dumps([asdict(r) for r in rows], indent=2))
 
 
 if __name__ == "__main__":

@@ -130,7 +130,12 @@ def plot_run(run: RunOrScalars, out_png: str | Path, title: str | None = None) -
     """Loss against step (train lines, evaluation markers) above θ and expected depth (twin axis), as a PNG."""
     if isinstance(run, (str, Path)):
         title = Path(run).resolve().name if title is None else title
-        run = read_scalars(run)
+        folder, run = run, read_scalars(run)
+        try:
+            fig = run_figure(run, title)
+        except UserError as err:  # say which run folder had nothing to plot
+            raise UserError(f"{folder}: {err}") from None
+        return _save(fig, out_png)
     return _save(run_figure(run, title), out_png)
 
 

@@ -148,3 +148,38 @@ def test_synthetic_batch_labels_fifteen_percent():
     assert (batch["masked_lm_labels"][:, 0] == -100).all()
     kept = batch["masked_lm_labels"] != -100
     assert (batch["masked_lm_labels"][kept] == batch["input_ids"][kept]).all()
+
+
+# -- bad flags fail at once, not after the timing ---------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--theta", "1.5"], "--theta 1.5: expected values in (0, 1]"),  # was taken for PLD off without a word
+    (["--theta", "1.0", "0"], "--theta 0.0"),
+    (["--theta", "nan"], "--theta nan"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--micro-batch", "0"], "--micro-batch must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+])
+def test_bad_flags_are_one_line_errors(flags, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("pld-bench: error: ")
+    assert fragment in err, err
+
+
+def test_unusable_json_path_and_too_long_sequences_fail_before_any_timing(tmp_path, capsys, monkeypatch):
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed a step")
+
+    monkeypatch.setattr(bench, "time_steps", no_timing)
+    for flags, fragment in ((["--json", str(tmp_path / "missing" / "rows.json")], "no writable folder"),
+                            (["--json", str(tmp_path)], "is a folder"),
+                            (["--model", "tiny", "--seq-len", "129"], "--seq-len 129: the tiny model has 128")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(flags)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and fragment in err, err

@@ -215,11 +215,15 @@ def test_cli_default_and_explicit_output(resumed_run: Path, tmp_path: Path, caps
 
 
 @pytest.mark.parametrize("case, fragment", [("missing", "no such run folder"), ("empty", "no TensorBoard event files"),
-                                            ("jpg", "expected a .png file name")])
+                                            ("jpg", "expected a .png file name"),
+                                            ("only_lr", "only_lr: nothing to plot: none of train/loss")])
 def test_cli_errors_are_one_line(case: str, fragment: str, resumed_run: Path, tmp_path: Path, capsys):
     (tmp_path / "empty").mkdir()
+    writer = SummaryWriter(log_dir=str(tmp_path / "only_lr" / "tensorboard"))
+    writer.add_scalar("train/lr", 0.1, 1)
+    writer.close()
     argv = {"missing": [str(tmp_path / "missing")], "empty": [str(tmp_path / "empty")],
-            "jpg": [str(resumed_run), "--out", str(tmp_path / "x.jpg")]}[case]
+            "jpg": [str(resumed_run), "--out", str(tmp_path / "x.jpg")], "only_lr": [str(tmp_path / "only_lr")]}[case]
     with pytest.raises(SystemExit) as exit_info:
         plot.main(argv)
     assert exit_info.value.code == 2
