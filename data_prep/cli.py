@@ -77,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-length", type=_int_at_least(8, 32767), default=128, metavar="N", help="default 128")
     p.add_argument("--max-predictions-per-seq", type=_int_at_least(1), default=20, metavar="N", help="default 20")
     p.add_argument(
-        "--masked-lm-prob", type=_fraction(0.0, 1.0, low_open=True), default=0.15, metavar="P", help="default 0.15"
+        "--masked-lm-prob",
+        type=_fraction(0.0, 1.0, low_open=True),
+        default=0.15,
+        metavar="P",
+        help="share of tokens masked, e.g. 0.3 as MosaicBERT (default 0.15); with --dynamic-masking the loader "
+        "masks at this rate",
     )
     p.add_argument("--short-seq-prob", type=_fraction(0.0, 1.0), default=0.1, metavar="P", help="default 0.1")
     p.add_argument(
@@ -89,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dynamic-masking", action="store_true", help="write shards without masked_lm_* (masked at load time)"
+    )
+    p.add_argument(
+        "--whole-word-masking",
+        action="store_true",
+        help="mask whole words (a ## WordPiece piece goes with the word before it); with --dynamic-masking the "
+        "loader does",
+    )
+    p.add_argument(
+        "--no-nsp",
+        action="store_true",
+        help="MLM only, RoBERTa's full sentences: pack consecutive sentences up to the length, across documents "
+        "with [SEP] between them; shards without next_sentence_labels",
     )
     p.add_argument("--seed", type=_int_at_least(0), default=12345, metavar="N", help="default 12345")
     p.add_argument("--workers", type=_int_at_least(1), default=None, metavar="N", help="processes (default: CPU count)")
@@ -129,6 +146,8 @@ def _config(args: argparse.Namespace) -> PrepConfig:
         masked_lm_prob=args.masked_lm_prob,
         dupe_factor=args.dupe_factor,
         dynamic_masking=args.dynamic_masking,
+        nsp=not args.no_nsp,
+        whole_word_masking=args.whole_word_masking,
         seed=args.seed,
         workers=args.workers or default_workers(),
         num_shards=args.num_shards,
@@ -186,6 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     before = _contents(args.output)
     try:
         cfg = _config(args)
+        wanted = round(cfg.max_seq_length * cfg.masked_lm_prob)
+        if not cfg.dynamic_masking and wanted > cfg.max_predictions_per_seq:
+            eprint(f"warning: --masked-lm-prob {cfg.masked_lm_prob} at --max-seq-length {cfg.max_seq_length} "
+                   f"wants up to {wanted} predictions per sequence, but --max-predictions-per-seq is "
+                   f"{cfg.max_predictions_per_seq}: full sequences get only that many")
         summary = run(cfg, log=eprint)
     except PrepError as e:
         print(f"{PROG}: error: {e}{_left_behind(args.output, before)}", file=sys.stderr)

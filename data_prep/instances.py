@@ -8,6 +8,16 @@ chunk are put back; the pair is trimmed one token at a time from a random end of
 ``[CLS] A [SEP] B [SEP]``; then static masking of ``masked_lm_prob`` of the tokens (at most
 ``max_predictions_per_seq``, at least one): 80% ``[MASK]``, 10% a random vocabulary id, 10% kept.
 
+Whole-word masking (``whole_word_masking``, as Google's and NVIDIA's later releases): a WordPiece
+piece that starts with ``##`` belongs to the word before it; words are drawn in a random order and
+taken whole while they fit the row's prediction budget (one that does not fit is passed over), and
+each of a taken word's pieces gets its own 80/10/10 draw.
+
+MLM-only (``nsp=False``, RoBERTa's "full sentences"): consecutive sentences are packed up to
+``max_seq_length - 2`` tokens, across document boundaries with ``[SEP]`` between documents:
+``[CLS] s1 s2 ... [SEP] t1 t2 ... [SEP]``, one segment, no next-sentence label. A sentence longer
+than the whole sequence is cut at its end.
+
 Differences, by design: the random next document is drawn from the documents of the same batch
 (not the whole corpus), which is what keeps the work parallel and memory bounded; and random draws
 come from a NumPy ``Generator`` per batch, so the same seed gives the same instances for any
@@ -19,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -40,6 +50,9 @@ class InstanceConfig:
     cls_id: int
     sep_id: int
     mask_id: int
+    nsp: bool = True  # False: packed full sentences, no next_sentence_labels
+    # Whole-word masking: per token id, whether the piece continues a word ("##..."); None: mask pieces.
+    continuation: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -49,7 +62,7 @@ class Instances:
     input_ids: np.ndarray  # [n, seq] int32, padded with 0
     lengths: np.ndarray  # [n] real tokens: len(A) + len(B) + 3
     b_starts: np.ndarray  # [n] position of B's first token: len(A) + 2
-    next_sentence_labels: np.ndarray  # [n] int8, 1 = random next
+    next_sentence_labels: np.ndarray | None  # [n] int8, 1 = random next; None when MLM-only
     masked_lm_positions: np.ndarray | None  # [n, pred] int32, padded with 0
     masked_lm_ids: np.ndarray | None  # [n, pred] int32, padded with 0
 
@@ -68,13 +81,70 @@ def _uniform_stream(rng: np.random.Generator) -> Callable[[], float]:
 
 
 def create_instances(batch: TokenizedBatch, cfg: InstanceConfig, rng: np.random.Generator) -> Instances:
-    pairs = _plan_pairs(batch, cfg, _uniform_stream(rng))
-    a_lo, a_len, b_lo, b_len, labels = _truncate(pairs, cfg.max_seq_length - 3, rng)
-    input_ids, lengths, b_starts = _assemble(batch.tokens, a_lo, a_len, b_lo, b_len, cfg)
+    labels: np.ndarray | None = None
+    if cfg.nsp:
+        pairs = _plan_pairs(batch, cfg, _uniform_stream(rng))
+        a_lo, a_len, b_lo, b_len, labels = _truncate(pairs, cfg.max_seq_length - 3, rng)
+        input_ids, lengths, b_starts = _assemble(batch.tokens, a_lo, a_len, b_lo, b_len, cfg)
+    else:
+        input_ids, lengths = _packed_full_sentences(batch, cfg, _uniform_stream(rng))
+        b_starts = lengths  # one segment: segment_ids are all 0
     positions = masked_ids = None
     if not cfg.dynamic_masking:
-        positions, masked_ids = _mask(input_ids, lengths, b_starts, cfg, rng)
+        if cfg.nsp and cfg.continuation is None:
+            positions, masked_ids = _mask(input_ids, lengths, b_starts, cfg, rng)
+        else:
+            positions, masked_ids = _mask_words(input_ids, lengths, cfg, rng)
     return Instances(input_ids, lengths, b_starts, labels, positions, masked_ids)
+
+
+def continuation_table(tokens: list[str]) -> np.ndarray:
+    """Per id of a WordPiece vocabulary (tokens in id order): True for pieces that continue a word (##...)."""
+    return np.fromiter((t.startswith("##") for t in tokens), dtype=bool, count=len(tokens))
+
+
+def _packed_full_sentences(
+    batch: TokenizedBatch, cfg: InstanceConfig, uniform: Callable[[], float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """RoBERTa's full sentences: (input ids [n, seq] int32 padded with 0, lengths [n]) for each dupe.
+
+    The walk runs over a stream of the batch's tokens with one [SEP] after every document, in which
+    sentence i spans [start[i], end[i]); a sequence of sentences a..b costs end[b] - start[a] tokens,
+    the [SEP]s between its documents included, so the longest one that fits is one bisect.
+    """
+    sent = batch.sentence_offsets
+    doc_of_sentence = np.repeat(np.arange(batch.num_documents), np.diff(batch.document_offsets))
+    start = (sent[:-1] + doc_of_sentence).tolist()
+    end = (sent[1:] + doc_of_sentence).tolist()
+    doc_ends = sent[batch.document_offsets[1:]]
+    stream = np.insert(batch.tokens, doc_ends, cfg.sep_id)
+    max_tokens = cfg.max_seq_length - 2
+    short_prob = cfg.short_seq_prob
+    los: list[int] = []
+    his: list[int] = []
+    for _ in range(cfg.dupe_factor):
+        first, count = 0, len(start)
+        while first < count:
+            target = max_tokens
+            if uniform() < short_prob:
+                target = 2 + int(uniform() * (max_tokens - 1))
+            # The last sentence that still fits; at least one sentence (cut to the target below).
+            last = max(first, bisect_right(end, start[first] + target, first, count) - 1)
+            los.append(start[first])
+            his.append(min(end[last], start[first] + max_tokens))
+            first = last + 1
+    lo = np.array(los, dtype=np.int64)
+    length = np.array(his, dtype=np.int64) - lo
+    n, seq = len(lo), cfg.max_seq_length
+    ids = np.zeros((n, seq), dtype=np.int32)
+    flat = ids.reshape(-1)
+    row_starts = np.arange(n, dtype=np.int64) * seq
+    run_starts = np.cumsum(length) - length
+    dest = np.arange(int(length.sum()), dtype=np.int64) - np.repeat(run_starts - row_starts - 1, length)
+    flat[dest] = stream[dest + np.repeat(lo - row_starts - 1, length)]
+    ids[:, 0] = cfg.cls_id
+    flat[row_starts + length + 1] = cfg.sep_id
+    return ids, length + 2
 
 
 def _plan_pairs(batch: TokenizedBatch, cfg: InstanceConfig, uniform: Callable[[], float]) -> np.ndarray:
@@ -214,3 +284,70 @@ def _random_subsets(population: np.ndarray, count: np.ndarray, width: int, rng: 
         taken = (chosen[:step] == t).any(axis=0) if step else np.zeros(n, dtype=bool)
         chosen[step] = np.where(step < count, np.where(taken, j, t), population)
     return np.sort(chosen.T, axis=1)
+
+
+def _mask_words(
+    ids: np.ndarray, lengths: np.ndarray, cfg: InstanceConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mask ``ids`` in place, whole words when ``cfg.continuation`` is set, pieces otherwise; returns
+    masked_lm_positions and masked_lm_ids (0-padded, by position). Any layout: every token but [CLS]
+    and [SEP] is a candidate.
+
+    Google's loop, vectorised over rows: words in a random order, each taken when it fits what is
+    left of the row's budget ``min(max_predictions, max(1, round(length * masked_lm_prob)))``.
+    """
+    n, seq = ids.shape
+    pred = cfg.max_predictions_per_seq
+    candidate = (np.arange(seq)[None, :] < lengths[:, None]) & (ids != cfg.cls_id) & (ids != cfg.sep_id)
+    start = candidate
+    if cfg.continuation is not None:
+        # A ## piece continues the word before it, if that position is a candidate at all.
+        previous = np.zeros_like(candidate)
+        previous[:, 1:] = candidate[:, :-1]
+        start = candidate & ~(cfg.continuation.take(ids, mode="clip") & previous)
+    count = np.minimum(pred, np.maximum(1, np.round(lengths * cfg.masked_lm_prob).astype(np.int64)))
+    count = np.minimum(count, candidate.sum(axis=1))
+    chosen_words = _choose_words(candidate, start, count, rng)
+    masked = chosen_words & candidate
+    rows, cols = np.nonzero(masked)  # row-major: each row's positions ascending
+    per_row = masked.sum(axis=1)
+    slots = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    positions = np.zeros((n, pred), dtype=np.int32)
+    masked_ids = np.zeros((n, pred), dtype=np.int32)
+    original = ids[rows, cols]
+    roll = rng.random(len(rows))
+    random_ids = rng.integers(0, cfg.vocab_size, size=len(rows))
+    ids[rows, cols] = np.where(roll < 0.8, cfg.mask_id, np.where(roll < 0.9, original, random_ids))
+    positions[rows, slots] = cols
+    masked_ids[rows, slots] = original
+    return positions, masked_ids
+
+
+def _choose_words(candidate: np.ndarray, start: np.ndarray, budget: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """[n, seq] bool: the positions of the chosen words (a word is a start and the candidates after it up
+    to the next start). Per row, words in a random order, each taken whole if it fits the rest of ``budget``."""
+    n, seq = candidate.shape
+    flat_start = start.reshape(-1)
+    word_of = np.cumsum(flat_start) - 1  # word index of every position (of the word before, for non-candidates)
+    flat_candidate = candidate.reshape(-1)
+    word_length = np.bincount(word_of[flat_candidate], minlength=int(flat_start.sum()))
+    length_at = np.zeros(n * seq, dtype=np.int64)
+    length_at[flat_start] = word_length
+    keys = rng.random((n, seq))
+    keys[~start] = 2.0  # after every word
+    order = np.argsort(keys, axis=1, kind="stable")
+    sorted_length = np.take_along_axis(length_at.reshape(n, seq), order, axis=1)
+    words = start.sum(axis=1)
+    taken = np.zeros(n, dtype=np.int64)
+    chosen_sorted = np.zeros((n, seq), dtype=bool)
+    for column in range(int(words.max(initial=0))):
+        active = (taken < budget) & (column < words)
+        if not active.any():
+            break
+        fits = active & (taken + sorted_length[:, column] <= budget)
+        chosen_sorted[:, column] = fits
+        taken += np.where(fits, sorted_length[:, column], 0)
+    chosen_start = np.zeros((n, seq), dtype=bool)
+    np.put_along_axis(chosen_start, order, chosen_sorted, axis=1)
+    chosen_word = chosen_start.reshape(-1)[flat_start]
+    return (flat_candidate & chosen_word[np.maximum(word_of, 0)]).reshape(n, seq)

@@ -37,7 +37,7 @@ import numpy as np
 
 from data_prep import __version__
 from data_prep.errors import PrepError
-from data_prep.instances import InstanceConfig, create_instances
+from data_prep.instances import InstanceConfig, continuation_table, create_instances
 from data_prep.segment import tokenize_documents
 from data_prep.sources import MIN_DOC_CHARS, CorpusReader, Source, resolve_inputs
 from data_prep.vocab import VOCAB_FILE, Vocab, WordPieceEncoder, load_vocab, train_vocab
@@ -84,6 +84,8 @@ class PrepConfig:
     masked_lm_prob: float = 0.15
     dupe_factor: int = 5
     dynamic_masking: bool = False
+    nsp: bool = True  # False: MLM-only shards of packed full sentences (--no-nsp)
+    whole_word_masking: bool = False
     seed: int = 12345
     workers: int = 1
     num_shards: int | None = None
@@ -164,6 +166,8 @@ def run(cfg: PrepConfig, log: Callable[[str], None] = lambda _: None) -> Summary
         cls_id=vocab.cls_id,
         sep_id=vocab.sep_id,
         mask_id=vocab.mask_id,
+        nsp=cfg.nsp,
+        continuation=_continuation(vocab) if cfg.whole_word_masking and not cfg.dynamic_masking else None,
     )
     reader = CorpusReader(sources, cfg.text_key, cfg.workers)
     summary = Summary()
@@ -234,6 +238,11 @@ def _completed_manifest(output: Path, request_key: str) -> dict | None:
             if not shard_is_complete(output / shard["file"], manifest["data_key"], shard["samples"]):
                 return None
     return manifest
+
+
+def _continuation(vocab: Vocab) -> np.ndarray:
+    """Whole-word masking's table: per token id, whether the piece continues a word (##...)."""
+    return continuation_table(vocab.path.read_bytes().decode("utf-8").splitlines())
 
 
 def _prepare_spill(root: Path, spill_dir: Path) -> None:
@@ -481,7 +490,8 @@ def _write_shards(
             if shard_is_complete(folder / name, data_key, len(rows)):
                 summary.shards_reused += 1
                 continue
-            tasks.append((folder / name, spill_dir, batch_ids, offsets, rows, seq, cfg.dynamic_masking, data_key))
+            tasks.append((folder / name, spill_dir, batch_ids, offsets, rows, seq, cfg.dynamic_masking, data_key,
+                          cfg.nsp))
         summary.instances[split] = total
         summary.shards[split] = count
     started = last_report = time.perf_counter()
@@ -526,7 +536,7 @@ def _manifest(
             "instance_tokens": sum(b["instance_tokens"] for b in mine),
             "shards": shards[split],
         }
-    fields = schema.BASE_FIELDS if cfg.dynamic_masking else schema.ALL_FIELDS
+    fields = schema.shard_fields(static_masking=not cfg.dynamic_masking, nsp=cfg.nsp)
     return {
         "version": MANIFEST_VERSION,
         "generator": f"pld-prep {__version__}",
@@ -538,6 +548,10 @@ def _manifest(
         "max_seq_length": cfg.max_seq_length,
         "max_predictions_per_seq": cfg.max_predictions_per_seq,
         "dynamic_masking": cfg.dynamic_masking,
+        # false: MLM-only shards (packed full sentences, no next_sentence_labels)
+        "nsp": cfg.nsp,
+        # with dynamic masking, the loader masks at this rate and, if set, whole words
+        "whole_word_masking": cfg.whole_word_masking,
         "dupe_factor": cfg.dupe_factor,
         "short_seq_prob": cfg.short_seq_prob,
         "masked_lm_prob": cfg.masked_lm_prob,

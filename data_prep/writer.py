@@ -172,9 +172,12 @@ def write_shard(
     seq_len: int,
     dynamic_masking: bool,
     key: str,
+    nsp: bool = True,
 ) -> None:
-    """Write the instances ``rows`` (in that order) as one HDF5 shard in schema.py's format."""
-    names = [n for n in SPILL_ARRAYS if not (dynamic_masking and n.startswith("masked_lm"))]
+    """Write the instances ``rows`` (in that order) as one HDF5 shard in schema.py's format; without
+    ``nsp`` (MLM-only) the shard has no next_sentence_labels."""
+    names = [n for n in SPILL_ARRAYS if not (dynamic_masking and n.startswith("masked_lm"))
+             and not (not nsp and n == "next_sentence_labels")]
     spill = gather_rows(spill_dir, batches, offsets, rows, names)
     positions = np.arange(seq_len)[None, :]
     lengths = spill["lengths"].astype(np.int64)[:, None]
@@ -182,13 +185,13 @@ def write_shard(
         schema.INPUT_IDS.name: spill["input_ids"],
         schema.INPUT_MASK.name: positions < lengths,
         schema.SEGMENT_IDS.name: (positions >= spill["b_starts"][:, None]) & (positions < lengths),
-        schema.NEXT_SENTENCE_LABELS.name: spill["next_sentence_labels"],
     }
-    fields = schema.BASE_FIELDS
+    if nsp:
+        data[schema.NEXT_SENTENCE_LABELS.name] = spill["next_sentence_labels"]
     if not dynamic_masking:
         data[schema.MASKED_LM_POSITIONS.name] = spill["masked_lm_positions"]
         data[schema.MASKED_LM_IDS.name] = spill["masked_lm_ids"]
-        fields = schema.ALL_FIELDS
+    fields = schema.shard_fields(static_masking=not dynamic_masking, nsp=nsp)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs[KEY_ATTR] = key
         for field in fields:

@@ -189,13 +189,17 @@ class PLDEngine:
         output_dir: str | Path | None = None,
         num_layers: int | None = None,
         model_parameters: Any = None,
+        pld_step_offset: int = 0,
         **initialize_kwargs: Any,
     ) -> None:
+        """``pld_step_offset``: optimizer steps the weights were trained for before this engine (phase 2 of a
+        two-phase run continuing theta's curve); theta and the gates use global_steps + offset."""
         ds_config, self.pld, self.config_source = split_ds_config(config)
         if output_dir is not None:
             ds_config = _monitors_under(ds_config, Path(output_dir))
         self.ds_config = ds_config
         self.seed = seed
+        self.pld_step_offset = pld_step_offset  # a resumed run restores it from the checkpoint
         self.num_layers = num_layers or getattr(getattr(model, "config", None), "num_layers", None)
         _default_launch_env()
         wandb_block = ds_config.get("wandb")
@@ -250,7 +254,12 @@ class PLDEngine:
     def get_pld_theta(self) -> float:
         if not self.pld.enabled:
             return 1.0
-        return pld.theta(self.engine.global_steps, self.pld.theta, self.pld.gamma)
+        return pld.theta(self.pld_step, self.pld.theta, self.pld.gamma)
+
+    @property
+    def pld_step(self) -> int:
+        """The step on theta's curve: this engine's optimizer steps plus those of an earlier phase it continues."""
+        return self.engine.global_steps + self.pld_step_offset
 
     def expected_depth(self) -> float | None:
         if self.num_layers is None:
@@ -263,7 +272,7 @@ class PLDEngine:
         self._theta_used = self.get_pld_theta()
         kwargs = {**kwargs, "progressive_layer_drop": True, "pld_theta": self._theta_used}
         if self._passes_generator:
-            kwargs["pld_generator"] = pld.gate_generator(self.seed, self.engine.global_steps, self._micro_step)
+            kwargs["pld_generator"] = pld.gate_generator(self.seed, self.pld_step, self._micro_step)
         return args, kwargs
 
     # -- training -------------------------------------------------------------------------------
@@ -398,7 +407,8 @@ class PLDEngine:
         """DeepSpeed's checkpoint plus the PLD state; pld_ds.checkpoint.Checkpointer makes it crash-safe."""
         tag = tag or f"global_step{self.engine.global_steps}"
         state = {"pld": {"enabled": self.pld.enabled, "theta_bar": self.pld.theta, "gamma": self.pld.gamma,
-                         "step": self.engine.global_steps, "theta": self.get_pld_theta()},
+                         "step": self.engine.global_steps, "step_offset": self.pld_step_offset,
+                         "theta": self.get_pld_theta()},
                  "seed": self.seed, **(client_state or {})}
         self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=state, save_latest=save_latest)
         return tag

@@ -533,44 +533,50 @@ def load_pooler(model: torch.nn.Module, folder: str | Path) -> bool:
     return True
 
 
-def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: BertConfig, offset: int) -> dict[str, torch.Tensor]:
-    """hf_state_dict's inverse: RobertaPreLayerNormForMaskedLM's names and layouts -> BertForPreTraining's, for
-    ``cfg`` at full width (an exported EarlyBERT model is zero-padded to it). The NSP classifier was never
-    exported: it is absent from the result, as is the pooler of a model exported without one."""
-    base, emb = HF_PREFIX, HF_PREFIX + "embeddings."
-    ours: dict[str, torch.Tensor] = {}
+def from_hf_state_dict(tensors: dict[str, torch.Tensor], cfg: BertConfig, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The export's inverse, derived from the export itself rather than written a second time: each of our tensors
+    is filled with its element numbers, mapped as export_weights maps weights (hf_state_dict, and pooler_state_dict
+    beside the RoBERTa layout), and the numbers then tell where each exported value came from.
 
-    def take(theirs: str) -> torch.Tensor:
-        if theirs not in hf:
-            raise KeyError(theirs)
-        return hf[theirs].float()
-
-    def copy(theirs: str, mine: str) -> None:
-        for suffix in ("weight", "bias"):
-            ours[f"{mine}.{suffix}"] = take(f"{theirs}.{suffix}")
-
-    ours["embeddings.word.weight"] = take(emb + "word_embeddings.weight")
-    ours["embeddings.token_type.weight"] = take(emb + "token_type_embeddings.weight")
-    ours["embeddings.position.weight"] = take(emb + "position_embeddings.weight")[offset:]
-    copy(emb + "LayerNorm", "embeddings.norm")
-    for i in range(cfg.num_layers):
-        theirs, mine = f"{base}encoder.layer.{i}.", f"encoder.layers.{i}."
-        copy(theirs + "attention.LayerNorm", mine + "attn_norm")
-        for suffix in ("weight", "bias"):
-            ours[f"{mine}attn.qkv.{suffix}"] = torch.cat(
-                [take(f"{theirs}attention.self.{proj}.{suffix}") for proj in ("query", "key", "value")])
-        copy(theirs + "attention.output.dense", mine + "attn.out")
-        copy(theirs + "intermediate.LayerNorm", mine + "ffn_norm")
-        copy(theirs + "intermediate.dense", mine + "ffn.fc1")
-        copy(theirs + "output.dense", mine + "ffn.fc2")
-    copy(base + "LayerNorm", "encoder.final_norm")
-    copy("lm_head.dense", "heads.transform")
-    copy("lm_head.layer_norm", "heads.transform_norm")
-    ours["heads.decoder.weight"] = ours["embeddings.word.weight"]  # tied
-    ours["heads.decoder.bias"] = take("lm_head.bias")
-    if "classifier.dense.weight" in hf:
-        copy("classifier.dense", "heads.pooler")
-    return ours
+    ``tensors``: model.safetensors (and pooler.safetensors) of a pld-export folder of ``cfg`` at full width (a slim
+    EarlyBERT model is exported zero-padded to it). Returns fp32 weights under BertForPreTraining's names; a tensor
+    the export does not hold (the NSP classifier beside the RoBERTa layout, a pooler whose file is missing) is left
+    out. Raises KeyError(name) for an exported tensor that is missing and ValueError for one of another shape.
+    """
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in BertForPreTraining(cfg).state_dict().items()}
+    tied = "heads.decoder.weight"  # the word embeddings, stored once
+    sizes = {name: math.prod(shape) for name, shape in shapes.items() if name != tied}
+    total = sum(sizes.values()) + 1  # element number 0 marks the zeros the export pads with
+    index_dtype = torch.int32 if total < 2**31 else torch.int64
+    starts, probe, first = {}, {}, 1
+    for name, size in sizes.items():
+        starts[name] = first
+        probe[name] = torch.arange(first, first + size, dtype=index_dtype).view(shapes[name])
+        first += size
+    probe[tied] = probe["embeddings.word.weight"]
+    mapped = hf_state_dict(probe, cfg, pad_token_id)
+    if any(name.startswith(HF_PREFIX) for name in mapped):
+        mapped.update(pooler_state_dict(probe))
+    del probe
+    values = torch.zeros(total, dtype=torch.float32)
+    seen = torch.zeros(total, dtype=torch.bool)
+    for name, index in mapped.items():
+        if name not in tensors:
+            if name.startswith("classifier.dense."):  # the pooler's own file was not given
+                continue
+            raise KeyError(name)
+        value = tensors[name]
+        if tuple(value.shape) != tuple(index.shape):
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(index.shape)}")
+        real = index != 0
+        values[index[real].long()] = value[real].float()
+        seen[index[real].long()] = True
+    weights = {name: values[starts[name]:starts[name] + size].view(shapes[name]).clone()
+               for name, size in sizes.items() if seen[starts[name]:starts[name] + size].all()}
+    if "embeddings.word.weight" in weights:
+        weights[tied] = weights["embeddings.word.weight"]
+    return weights
 
 
 def hf_config(cfg: BertConfig, vocab: Vocab, dtype: torch.dtype = torch.float32) -> dict[str, Any]:

@@ -45,6 +45,8 @@ class BertConfig:
     # "pre": LayerNorm on each sublayer's input and a final LayerNorm (PreLN, stable under PLD);
     # "post": LayerNorm after each residual add, none at the end (PostLN, the original BERT).
     layer_norm: str = "pre"
+    # Next-sentence prediction head (pooler + classifier). False: MLM only (RoBERTa), no NSP cost.
+    nsp: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -233,8 +235,9 @@ class PretrainingHeads(nn.Module):
         self.transform_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         self.decoder.weight = word_embeddings.weight  # tied, as in BERT
-        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.nsp = nn.Linear(cfg.hidden_size, 2)
+        if cfg.nsp:
+            self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+            self.nsp = nn.Linear(cfg.hidden_size, 2)
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform_norm(F.gelu(self.transform(hidden))))
@@ -306,7 +309,8 @@ class BertForPreTraining(nn.Module):
             gates = pld.sample_gates(self.config.num_layers, pld_theta, pld_generator)
         hidden, layers_run = self.encoder(self.embeddings(input_ids, token_type_ids), attn_mask, gates)
 
-        out = PretrainingOutput(nsp_logits=self.heads.nsp_logits(hidden), layers_run=layers_run)
+        nsp_logits = self.heads.nsp_logits(hidden) if self.config.nsp else None
+        out = PretrainingOutput(nsp_logits=nsp_logits, layers_run=layers_run)
         if masked_lm_labels is None:
             out.mlm_logits = self.heads.mlm_logits(hidden)
         else:
@@ -314,7 +318,7 @@ class BertForPreTraining(nn.Module):
             out.mlm_logits = self.heads.mlm_logits(hidden[selected])
             out.mlm_loss = F.cross_entropy(out.mlm_logits.float(), masked_lm_labels[selected])
             out.loss = out.mlm_loss
-        if next_sentence_labels is not None:
+        if next_sentence_labels is not None and nsp_logits is not None:  # MLM-only models ignore NSP labels
             out.nsp_loss = F.cross_entropy(out.nsp_logits.float(), next_sentence_labels.view(-1).long())
             out.loss = out.nsp_loss if out.loss is None else out.loss + out.nsp_loss
         return out
@@ -374,7 +378,8 @@ class BertForSequenceClassification(nn.Module):
 def load_pretraining_weights(model: BertForSequenceClassification, state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Copy a BertForPreTraining state dict (embeddings, encoder, pooler) into a classifier.
 
-    The MLM and NSP heads are left out; returns the names that stay newly initialised (the classifier's).
+    The MLM and NSP heads are left out; returns the names that stay newly initialised (the classifier's, and
+    the pooler's when the model was pretrained without NSP).
     Raises KeyError or RuntimeError when the state dict does not fit the model.
     """
     mapped = {}
@@ -384,7 +389,9 @@ def load_pretraining_weights(model: BertForSequenceClassification, state_dict: d
         elif name.startswith("heads.pooler."):
             mapped["pooler." + name.removeprefix("heads.pooler.")] = tensor
     missing, unexpected = model.load_state_dict(mapped, strict=False)
-    absent = [name for name in missing if not name.startswith("classifier.")]
+    # An MLM-only model (nsp false) has no pooler: the classifier's pooler then starts fresh too.
+    fresh = ("classifier.",) if any(n.startswith("pooler.") for n in mapped) else ("classifier.", "pooler.")
+    absent = [name for name in missing if not name.startswith(fresh)]
     for problem, names in (("lacks", absent), ("has unknown", unexpected)):
         if names:
             raise KeyError(f"pretraining state dict {problem} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")

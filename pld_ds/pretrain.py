@@ -70,11 +70,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", nargs="?", const="inductor", type=compile_backend, metavar="BACKEND",
                    help="torch.compile each encoder layer with BACKEND (default inductor); dropped layers are "
                         "still skipped, and theta's changes cause no recompiles")
+    p.add_argument("--init-from", metavar="CKPT_OR_HF_DIR",
+                   help="phase 2: start from these weights only (a pld_ds checkpoint: run, checkpoints or global_stepN "
+                        "folder; or a pld-export folder), with a new optimizer, lr schedule and data position; a run "
+                        "that resumes from its own checkpoint ignores it")
+    p.add_argument("--init-pld-step", choices=("continue", "restart"), default="continue",
+                   help="with --init-from: theta's curve continues from the step the weights were trained to "
+                        "(default: the run goes on as one, at the depth it had reached) or restarts at theta = 1")
+    p.add_argument("--masked-lm-prob", type=float, metavar="P",
+                   help="dynamic-masking shards: share of tokens masked, up to 1 (e.g. 0.3); default: the manifest's")
+    p.add_argument("--whole-word-masking", action=argparse.BooleanOptionalAction, default=None,
+                   help="dynamic-masking shards: mask whole words (## pieces with the word before them); default: "
+                        "the manifest's")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
     args = p.parse_args(argv)
     if args.vocab_size is not None and args.vocab_size < 1:
         p.error(f"--vocab-size must be >= 1, got {args.vocab_size}")
+    if args.masked_lm_prob is not None and not 0.0 < args.masked_lm_prob <= 1.0:
+        p.error(f"--masked-lm-prob must be in (0, 1], got {args.masked_lm_prob}")
     for name in ("max_steps", "log_interval"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -95,8 +109,10 @@ def data_folders(data: str, eval_data: str | None) -> tuple[list[Path], list[Pat
     return train, find_shards(validation, "--data") if validation.is_dir() else []
 
 
-def data_vocabulary(data: str, override: int | None) -> tuple[int, DynamicMasking | None]:
-    """Vocabulary size, and masking for dynamic-masking shards when the manifest names a vocab file."""
+def data_vocabulary(data: str, override: int | None, masked_lm_prob: float | None = None,
+                    whole_word_masking: bool | None = None) -> tuple[int, DynamicMasking | None]:
+    """Vocabulary size, and masking for dynamic-masking shards when the manifest names a vocab file: at
+    ``masked_lm_prob`` and with ``whole_word_masking`` (default: what the manifest records pld-prep was asked)."""
     manifest = Path(data) / schema.MANIFEST_NAME
     if not manifest.is_file():
         return override or BERT_VOCAB_SIZE, None
@@ -122,7 +138,20 @@ def data_vocabulary(data: str, override: int | None) -> tuple[int, DynamicMaskin
     if "[MASK]" not in tokens:
         raise ConfigError(f"{vocab_file}: no [MASK] token (expected a BERT WordPiece vocab.txt)")
     special = tuple(tokens[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in tokens)
-    return size, DynamicMasking(mask_id=tokens["[MASK]"], special_ids=special, vocab_size=size)
+    info = read_json(manifest, "manifest")
+    if masked_lm_prob is None:
+        masked_lm_prob = info.get("masked_lm_prob", 0.15)
+        if isinstance(masked_lm_prob, bool) or not isinstance(masked_lm_prob, (int, float)) \
+                or not 0.0 < masked_lm_prob <= 1.0:
+            raise ConfigError(f"{manifest}: masked_lm_prob: expected a number in (0, 1], got {masked_lm_prob!r}")
+    if whole_word_masking is None:
+        whole_word_masking = info.get("whole_word_masking", False)
+        if not isinstance(whole_word_masking, bool):
+            raise ConfigError(f"{manifest}: whole_word_masking: expected true or false, got {whole_word_masking!r}")
+    # Word starts come from the vocabulary itself: a WordPiece piece that continues a word starts with ##.
+    continuation = tuple(i for t, i in tokens.items() if t.startswith("##")) if whole_word_masking else None
+    return size, DynamicMasking(mask_id=tokens["[MASK]"], special_ids=special, vocab_size=size,
+                                masked_lm_prob=float(masked_lm_prob), continuation_ids=continuation)
 
 
 def rng_state() -> dict[str, Any]:
@@ -147,7 +176,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def evaluate(engine: Any, batches: ShardBatches, max_batches: int) -> dict[str, float]:
-    """MLM loss/accuracy and NSP accuracy over the validation shards, every layer run, summed over ranks."""
+    """MLM loss/accuracy and NSP accuracy (when the model has an NSP head) over the validation shards, every
+    layer run, summed over ranks."""
     engine.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=engine.device)  # mlm loss, correct, count, nsp ok, n
     for i, batch in enumerate(batches.one_pass()):
@@ -159,15 +189,47 @@ def evaluate(engine: Any, batches: ShardBatches, max_batches: int) -> dict[str, 
         sums += torch.stack([
             out.mlm_loss.double() * labels.numel(), (out.mlm_logits.argmax(-1) == labels).sum().double(),
             torch.tensor(labels.numel(), dtype=torch.float64, device=engine.device),
-            (out.nsp_logits.argmax(-1) == batch["next_sentence_labels"]).sum().double(),
+            (out.nsp_logits.argmax(-1) == batch["next_sentence_labels"]).sum().double()
+            if out.nsp_logits is not None else torch.zeros((), dtype=torch.float64, device=engine.device),
             torch.tensor(float(batch["input_ids"].shape[0]), dtype=torch.float64, device=engine.device),
         ])
     if dist.is_initialized():
         dist.all_reduce(sums)
     engine.train()
     mlm_loss, correct, count, nsp_ok, n = sums.tolist()
-    return {"eval/mlm_loss": mlm_loss / max(count, 1), "eval/mlm_accuracy": correct / max(count, 1),
-            "eval/nsp_accuracy": nsp_ok / max(n, 1)}
+    scalars = {"eval/mlm_loss": mlm_loss / max(count, 1), "eval/mlm_accuracy": correct / max(count, 1)}
+    if getattr(engine.module.config, "nsp", True):  # MLM-only models report no NSP accuracy
+        scalars["eval/nsp_accuracy"] = nsp_ok / max(n, 1)
+    return scalars
+
+
+def check_masking_flags(args: argparse.Namespace, infos: list[shards.ShardInfo]) -> None:
+    """--masked-lm-prob and --whole-word-masking steer the loader's masking: statically masked shards have theirs."""
+    given = [flag for flag, value in (("--masked-lm-prob", args.masked_lm_prob),
+                                      ("--whole-word-masking", args.whole_word_masking)) if value is not None]
+    static = next((info for info in infos if info.static_masking), None)
+    if given and static is not None:
+        raise ShardError(f"{given[0]}: {static.path} is statically masked (masked_lm_* datasets), so its masking was "
+                         f"fixed by pld-prep: set it there (pld-prep {given[0]}), or prepare --dynamic-masking shards")
+
+
+def init_weights(model: BertForPreTraining, args: argparse.Namespace, seq_len: int) -> int:
+    """--init-from: load the weights (shapes checked) and return theta's step offset (--init-pld-step)."""
+    from pld_ds import warm_start
+
+    init = warm_start.read_initial_weights(args.init_from, args.model)
+    notes = warm_start.load_into(model, init, seq_len, f"--model {args.model}")
+    offset = 0
+    if args.init_pld_step == "continue":
+        if init.step is None:
+            raise UserError(f"--init-from {args.init_from}: records no training step to continue theta's curve "
+                            "from; pass --init-pld-step restart")
+        offset = init.step
+    if startup.is_rank0():
+        curve = f"continues from step {offset}" if args.init_pld_step == "continue" else "restarts at theta = 1"
+        print(f"pld-pretrain: weights from {init.source} (new optimizer, lr schedule and data position; "
+              f"theta's curve {curve}){''.join('; ' + n for n in notes)}", flush=True)
+    return offset
 
 
 def resume_target(resume: str | None, checkpoints: Path) -> tuple[Path, str] | None:
@@ -195,6 +257,8 @@ def resume_from(engine: Any, resume: str, target: tuple[Path, str], train: Shard
         raise UserError(f"--resume {resume}: no loadable checkpoint in {path}")
     train.load_state_dict(client["data"])
     set_rng_state(client["rng"])
+    # A phase-2 run goes on along the theta curve its first start chose (--init-pld-step).
+    engine.pld_step_offset = int(client.get("pld", {}).get("step_offset", 0))
 
 
 def load_failure(err: BaseException, shown: int = 2) -> str:
@@ -233,12 +297,16 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
         startup.warn("pld-pretrain", warning)
     eb = earlybert.EarlyBertConfig.from_ds_config(args.deepspeed_config)
     train_paths, eval_paths = data_folders(args.data, args.eval_data)
-    vocab_size, masking = data_vocabulary(args.data, args.vocab_size)
+    vocab_size, masking = data_vocabulary(args.data, args.vocab_size, args.masked_lm_prob, args.whole_word_masking)
     cfg = model_config(args.model, vocab_size=padded_vocab_size(vocab_size),
                        activation_checkpointing=args.activation_checkpointing or None)
     startup.say("pld-pretrain", f"checking {len(train_paths)} training shards")
     infos, _ = shards.inspect_paths(train_paths, args.skip_bad_shards)
     seq_len = shards.check_seq_len(infos)[0].seq_len
+    data_nsp = shards.check_nsp(infos)[0].nsp
+    if not data_nsp:  # MLM-only shards: no NSP head, so no NSP cost
+        cfg = dataclasses.replace(cfg, nsp=False)
+    check_masking_flags(args, infos)
     if seq_len > cfg.max_position_embeddings:
         raise ShardError(f"{infos[0].path}: sequence length {seq_len} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}")
@@ -261,6 +329,9 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
     elif eb.enabled:
         cfg, target = dataclasses.replace(cfg, slimming=True), None
     model = BertForPreTraining(cfg)
+    pld_step_offset = 0
+    if args.init_from and target is None:
+        pld_step_offset = init_weights(model, args, seq_len)
     if args.compile:
         model.compile_layers(backend=args.compile)
     search = earlybert.TicketSearch(model, eb) if eb.enabled and not slim_resume else None
@@ -268,11 +339,12 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
                 "its first start on a machine compiles its ops, which can take minutes")
     started = time.perf_counter()
     with startup.without_noise():
-        engine = PLDEngine(model, args.deepspeed_config, seed=args.seed, output_dir=output)
+        engine = PLDEngine(model, args.deepspeed_config, seed=args.seed, output_dir=output,
+                           pld_step_offset=pld_step_offset)
     startup.say("pld-pretrain", f"DeepSpeed started in {time.perf_counter() - started:.0f} s")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard_args = dict(micro_batch=engine.micro_batch_size, vocab_size=vocab_size, rank=rank, world_size=world,
-                      masking=masking, skip_bad_shards=args.skip_bad_shards)
+                      masking=masking, skip_bad_shards=args.skip_bad_shards, nsp=data_nsp)
     train = ShardBatches(train_paths, seed=args.seed, workers=args.data_workers, bin_by_length=args.bin_by_length,
                          **shard_args)
     warn_skipped(rank, train, len(train_paths))

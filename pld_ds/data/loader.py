@@ -209,6 +209,7 @@ class ShardBatches:
         world_size: int = 1,
         seed: int = 0,
         seq_len: int | None = None,
+        nsp: bool | None = None,
         masking: DynamicMasking | None = None,
         prefetch: int = 2,
         skip_bad_shards: bool = False,
@@ -220,9 +221,12 @@ class ShardBatches:
         reading only those batches' rows (0: build them in this process). ``skip_bad_shards``: leave out
         shards that fail inspection (listed in ``skipped``) instead of raising the first error.
         ``bin_by_length``: global batches of samples of similar length, each cut to its longest sample
-        (rounded up to a multiple of 8), so little compute goes to padding; shapes then vary by batch."""
+        (rounded up to a multiple of 8), so little compute goes to padding; shapes then vary by batch.
+        ``nsp``: whether the shards must carry next_sentence_labels (default: as the first shard); batches
+        of MLM-only shards have no next_sentence_labels."""
         infos, self.skipped = shards.inspect_paths(paths, skip_bad_shards)
-        self.infos = shards.check_seq_len(infos, seq_len)
+        self.infos = shards.check_nsp(shards.check_seq_len(infos, seq_len), nsp)
+        self.nsp = self.infos[0].nsp
         unmasked = next((info for info in self.infos if not info.static_masking), None)
         if unmasked is not None and masking is None:
             raise shards.ShardError(f"{unmasked.path}: a dynamic-masking shard (no masked_lm_* datasets) needs the "
@@ -306,13 +310,15 @@ class ShardBatches:
             real = mask.any(0)
             keep = min(self.seq_len, -(-(len(real) - int(np.argmax(real[::-1]))) // 8) * 8) if real.any() else 8
             input_ids, segments, mask, labels = (a[:, :keep] for a in (input_ids, segments, mask, labels))
-        return {
+        batch = {
             "input_ids": _long(input_ids),
             "token_type_ids": _long(segments),
             "attention_mask": _long(mask),
             "masked_lm_labels": _long(labels),
-            "next_sentence_labels": _long(cat[schema.NEXT_SENTENCE_LABELS.name]),
         }
+        if self.nsp:
+            batch["next_sentence_labels"] = _long(cat[schema.NEXT_SENTENCE_LABELS.name])
+        return batch
 
     # -- iteration ------------------------------------------------------------------------------
     def _positions_from(self, epoch: int, batch: int, count: int | None = None) -> Iterator[Position]:

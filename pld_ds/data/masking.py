@@ -4,6 +4,11 @@ BERT's recipe: of the real, non-special tokens, a fraction `masked_lm_prob` (at 
 `max_predictions`, at least one) becomes a target; a target is replaced by [MASK] 80% of the time,
 by a random token 10%, and kept 10%. The draw depends only on the generator, so a batch masked at a
 given data position is masked the same way after a resume.
+
+Whole-word masking (``continuation_ids`` given: the ids of the vocabulary's ``##`` pieces): a piece
+that continues a word goes with the word before it; the row's words are drawn in a random order and
+each is taken whole while it fits the row's target count, as in Google's and NVIDIA's static
+whole-word masking; every piece of a taken word gets its own 80/10/10 draw.
 """
 
 from __future__ import annotations
@@ -23,6 +28,19 @@ class DynamicMasking:
     vocab_size: int
     masked_lm_prob: float = 0.15
     max_predictions: int | None = None  # default: round(seq_len * masked_lm_prob)
+    # Whole-word masking: the ids of pieces that continue a word (WordPiece "##..."); None: mask pieces.
+    continuation_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.masked_lm_prob <= 1.0:
+            raise ValueError(f"masked_lm_prob must be in (0, 1], got {self.masked_lm_prob!r}")
+
+    @functools.cached_property
+    def _continues(self) -> np.ndarray:
+        """Lookup table: id -> continues a word; ids past the table (clipped to its last entry) do not."""
+        table = np.zeros(max(self.vocab_size, *(i + 1 for i in self.continuation_ids or ())) + 1, dtype=bool)
+        table[list(self.continuation_ids or ())] = True
+        return table
 
     @functools.cached_property
     def _is_special(self) -> np.ndarray:
@@ -38,6 +56,9 @@ class DynamicMasking:
         candidate = (input_mask != 0) & ~self._is_special.take(input_ids, mode="clip")
         cap = min(seq_len, self.max_predictions or max(1, round(seq_len * self.masked_lm_prob)))
         want = np.clip(np.rint(np.count_nonzero(candidate, axis=1) * self.masked_lm_prob), 1, cap).astype(np.int64)
+        if self.continuation_ids is not None:
+            row, col = np.nonzero(self._whole_words(input_ids, candidate, want, rng))
+            return self._replace(input_ids, row, col, rng)
         # Rank the candidates of each row by a random key and keep the `want` smallest. A key is random
         # high bits above the position: no two keys of a row tie, integers sort fast, and the position
         # comes back from the low bits. Non-candidates get the largest key and are never kept.
@@ -53,7 +74,12 @@ class DynamicMasking:
         keep = (np.arange(cap) < want[:, None]) & (smallest != top)
         row = np.nonzero(keep)[0]
         col = (smallest[keep] & ((1 << pos_bits) - 1)).astype(np.int64)
+        return self._replace(input_ids, row, col, rng)
 
+    def _replace(self, input_ids: np.ndarray, row: np.ndarray, col: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Targets at (row, col): labels there, and 80% [MASK], 10% a random id, 10% kept."""
+        rows, seq_len = input_ids.shape
         labels = np.full((rows, seq_len), IGNORE_INDEX, dtype=np.int64)
         labels[row, col] = input_ids[row, col]
         masked = input_ids.astype(np.int64)
@@ -62,3 +88,33 @@ class DynamicMasking:
         masked[row[to_mask], col[to_mask]] = self.mask_id
         masked[row[to_random], col[to_random]] = rng.integers(0, self.vocab_size, int(to_random.sum()))
         return masked, labels
+
+    def _whole_words(self, input_ids: np.ndarray, candidate: np.ndarray, want: np.ndarray,
+                     rng: np.random.Generator) -> np.ndarray:
+        """[rows, seq] bool: the pieces of the words chosen in each row. A word starts at a candidate that is
+        not a ## piece following another candidate; words are taken in a random order while they fit ``want``."""
+        rows, seq_len = candidate.shape
+        previous = np.zeros_like(candidate)
+        previous[:, 1:] = candidate[:, :-1]
+        start = candidate & ~(self._continues.take(input_ids, mode="clip") & previous)
+        flat_start, flat_candidate = start.reshape(-1), candidate.reshape(-1)
+        word_of = np.cumsum(flat_start) - 1  # running word index; candidates always follow their word's start
+        length_at = np.zeros(rows * seq_len, dtype=np.int64)
+        length_at[flat_start] = np.bincount(word_of[flat_candidate], minlength=int(flat_start.sum()))
+        keys = rng.random((rows, seq_len))
+        keys[~start] = 2.0  # non-starts sort after every word
+        order = np.argsort(keys, axis=1, kind="stable")
+        sorted_length = np.take_along_axis(length_at.reshape(rows, seq_len), order, axis=1)
+        words = start.sum(axis=1)
+        taken = np.zeros(rows, dtype=np.int64)
+        chosen = np.zeros((rows, seq_len), dtype=bool)
+        for column in range(int(words.max(initial=0))):
+            active = (taken < want) & (column < words)
+            if not active.any():
+                break
+            fits = active & (taken + sorted_length[:, column] <= want)
+            chosen[:, column] = fits
+            taken += np.where(fits, sorted_length[:, column], 0)
+        chosen_start = np.zeros((rows, seq_len), dtype=bool)
+        np.put_along_axis(chosen_start, order, chosen, axis=1)
+        return (flat_candidate & chosen_start.reshape(-1)[flat_start][np.maximum(word_of, 0)]).reshape(rows, seq_len)

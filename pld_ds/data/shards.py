@@ -23,6 +23,7 @@ class ShardInfo:
     seq_len: int
     max_predictions: int  # 0 for dynamic-masking shards
     static_masking: bool
+    nsp: bool = True  # False: an MLM-only shard, without next_sentence_labels
 
 
 def find_shards(folder: str | Path, what: str = "--data") -> list[Path]:
@@ -39,7 +40,7 @@ def inspect_shard(path: Path) -> ShardInfo:
     """Check names, dtypes and shapes without reading the data."""
     try:
         with h5py.File(path, "r") as f:
-            missing = [field.name for field in schema.BASE_FIELDS if field.name not in f]
+            missing = [field.name for field in schema.TOKEN_FIELDS if field.name not in f]
             if missing:
                 names = ", ".join(fl.name for fl in schema.BASE_FIELDS)
                 raise ShardError(f"{path}: missing dataset {missing[0]} (expected {names})")
@@ -47,7 +48,8 @@ def inspect_shard(path: Path) -> ShardInfo:
             if not static and any(field.name in f for field in schema.MASK_FIELDS):
                 raise ShardError(f"{path}: has only one of masked_lm_positions / masked_lm_ids "
                                  "(expected both or neither)")
-            fields = schema.ALL_FIELDS if static else schema.BASE_FIELDS
+            nsp = schema.NEXT_SENTENCE_LABELS.name in f  # absent: an MLM-only shard
+            fields = schema.shard_fields(static, nsp)
             datasets = {field.name: f[field.name] for field in fields}
             for field in fields:
                 data = datasets[field.name]
@@ -75,7 +77,7 @@ def inspect_shard(path: Path) -> ShardInfo:
     except (OSError, KeyError, RuntimeError, ValueError) as err:
         # h5py reports a damaged file as any of these, depending on which of its structures is damaged.
         raise ShardError(f"{path}: not a readable HDF5 shard ({err})") from None
-    return ShardInfo(path, num, seq, max_pred, static)
+    return ShardInfo(path, num, seq, max_pred, static, nsp)
 
 
 # Rows per sequential read: about this many bytes of input_ids, and never less than one chunk.
@@ -91,7 +93,7 @@ def _slab_rows(datasets: dict[str, h5py.Dataset], num_samples: int) -> int:
 
 def slab_rows(info: ShardInfo) -> int:
     """Rows per sequential read of this shard (read_rows reads slabs [k * slab, (k + 1) * slab))."""
-    fields = schema.ALL_FIELDS if info.static_masking else schema.BASE_FIELDS
+    fields = schema.shard_fields(info.static_masking, info.nsp)
     try:
         with h5py.File(info.path, "r") as f:
             return _slab_rows({field.name: f[field.name] for field in fields}, info.num_samples)
@@ -132,7 +134,7 @@ def read_rows(info: ShardInfo, rows: np.ndarray, vocab_size: int, names: tuple[s
     rows = np.asarray(rows, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
     wanted = rows[order]
-    fields = schema.ALL_FIELDS if info.static_masking else schema.BASE_FIELDS
+    fields = schema.shard_fields(info.static_masking, info.nsp)
     nsp = schema.NEXT_SENTENCE_LABELS.name
     try:
         with h5py.File(info.path, "r") as f:
@@ -180,4 +182,16 @@ def check_seq_len(infos: list[ShardInfo], seq_len: int | None = None) -> list[Sh
     for info in infos:
         if info.seq_len != seq_len:
             raise ShardError(f"{info.path}: sequence length {info.seq_len} (expected {seq_len}, {origin})")
+    return infos
+
+
+def check_nsp(infos: list[ShardInfo], nsp: bool | None = None) -> list[ShardInfo]:
+    """Every shard has next_sentence_labels, or none has (default: as the first shard)."""
+    origin = f"as {infos[0].path}" if nsp is None else "as the training shards of this run"
+    nsp = infos[0].nsp if nsp is None else nsp
+    for info in infos:
+        if info.nsp != nsp:
+            have = "has next_sentence_labels" if info.nsp else "has no next_sentence_labels (an MLM-only shard)"
+            want = "with" if nsp else "without"
+            raise ShardError(f"{info.path}: {have} (expected shards {want} them, {origin})")
     return infos
