@@ -297,6 +297,9 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
         startup.warn("pld-pretrain", warning)
     eb = earlybert.EarlyBertConfig.from_ds_config(args.deepspeed_config)
     train_paths, eval_paths = data_folders(args.data, args.eval_data)
+    if args.eval_interval and not eval_paths:
+        startup.warn("pld-pretrain", f"--eval-interval {args.eval_interval}: no validation shards ({args.data} has "
+                     "no validation/ folder and --eval-data is not given), so no evaluation will run")
     vocab_size, masking = data_vocabulary(args.data, args.vocab_size, args.masked_lm_prob, args.whole_word_masking)
     cfg = model_config(args.model, vocab_size=padded_vocab_size(vocab_size),
                        activation_checkpointing=args.activation_checkpointing or None)
@@ -353,6 +356,10 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
         warn_skipped(rank, valid, len(eval_paths))
     if target is not None:
         resume_from(engine, args.resume, target, train)
+        if offset + engine.global_steps >= args.max_steps:
+            startup.warn("pld-pretrain", f"--resume {args.resume}: {target[0] / target[1]} is at step "
+                         f"{offset + engine.global_steps}, not below --max-steps {args.max_steps}: nothing to train; "
+                         "raise --max-steps to go on")
     outputs.watch(lambda: offset + engine.global_steps)  # from here on, a failure keeps what the run wrote
     resolved = {"args": {k: v for k, v in vars(args).items() if k != "local_rank"}, "model": asdict(cfg),
                 "pld": asdict(engine.pld), "deepspeed": engine.ds_config}

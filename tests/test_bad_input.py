@@ -689,6 +689,38 @@ def test_schedule_warnings_are_printed_at_start(tmp_path: Path, data: Path, caps
     assert "checking 2 training shards" in out and "starting DeepSpeed" in out  # what start-up is doing
 
 
+def test_eval_interval_without_validation_shards_warns(tmp_path: Path, data: Path, capsys: Capsys,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(DataOnlyEngine, "train_batch", stop_at_first_step)
+    with pytest.raises(FirstStep):
+        pretrain.main([*pretrain_args(tmp_path), "--eval-interval", "100"])
+    err = capsys.readouterr().err
+    assert err.startswith("pld-pretrain: warning: --eval-interval 100: no validation shards") and err.count("\n") == 1
+    make_shard_dir(data, shard_sizes=(16, 16), seq_len=32, max_pred=5, validation=16)
+    with pytest.raises(FirstStep):
+        pretrain.main([*pretrain_args(tmp_path), "--eval-interval", "100"])
+    assert capsys.readouterr().err == ""
+
+
+def test_resume_at_or_past_max_steps_says_nothing_will_train(tmp_path: Path, data: Path, capsys: Capsys,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "out" / "checkpoints" / "global_step5").mkdir(parents=True)
+
+    def resumed(engine: Any, *_: Any) -> None:
+        engine.global_steps = 5
+
+    def stop(*_: Any, **__: Any) -> None:
+        raise FirstStep
+
+    monkeypatch.setattr(pretrain, "resume_from", resumed)
+    monkeypatch.setattr(pretrain.checkpoint, "Checkpointer", stop)  # built after the resume, before the loop
+    with pytest.raises(FirstStep):
+        pretrain.main([*pretrain_args(tmp_path), "--resume", "auto"])  # --max-steps 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pld-pretrain: warning: --resume auto: {tmp_path / 'out' / 'checkpoints' / 'global_step5'}"
+                          " is at step 5, not below --max-steps 2: nothing to train") and err.count("\n") == 1
+
+
 def test_resume_that_does_not_fit_names_the_tensor_and_shapes(tmp_path: Path) -> None:
     """What torch raises for a checkpoint of another model: its first line alone names nothing."""
     from pld_ds.model import BertForPreTraining
