@@ -11,6 +11,19 @@ peak of the summed RSS counts shared pages (libraries, the interpreter) once per
 overstates; the peak of the summed PSS shares them out and is the better figure for "RAM the run
 needs". getrusage(RUSAGE_CHILDREN) gives the largest single process's peak RSS, not a sum.
 Sampling misses peaks shorter than the interval.
+
+Against NVIDIA's create_pretraining_data.py (start-up included on both sides):
+
+    python bench/prep_speed.py --vocab vocab.txt --input WIKIEXTRACTOR_FILES... \
+        --reference PATH/TO/create_pretraining_data.py [--reference-pythonpath DIR] --sizes-mb 4 12 --repeats 3
+
+For each size, the first input files (sorted) that reach it are the corpus. pld-prep reads them as
+they are (2 workers by default, sentence segmentation included); the reference, one process as
+NVIDIA runs it, reads the same documents already split one sentence per line (split beforehand,
+outside the timing). Both use seq 128, dupe factor 5, 20 predictions. Runs alternate (pld-prep,
+reference, next size, ...) in each round, so load on a shared machine hits both sides alike; both
+rates use the same token count (pld-prep's manifest: WordPiece tokens of the corpus). The script
+prints the load average before and after, and the median over the rounds.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from statistics import median
 
 
 def _children(root: int) -> list[int]:
@@ -86,6 +100,87 @@ class TreeMemory:
         self._thread.join()
 
 
+def _corpus(files: list[Path], megabytes: float) -> list[Path]:
+    chosen, total = [], 0
+    for path in sorted(files):
+        chosen.append(path)
+        total += path.stat().st_size
+        if total >= megabytes * 1e6:
+            return chosen
+    sys.exit(f"--sizes-mb {megabytes}: the inputs hold only {total / 1e6:.1f} MB")
+
+
+def _sentence_per_line(files: list[Path], out: Path) -> None:
+    """The documents of ``files`` one sentence per line, a blank line between documents (NVIDIA's input)."""
+    from data_prep.segment import split_sentences
+    from data_prep.sources import CorpusReader, resolve_inputs
+
+    with open(out, "w", encoding="utf-8") as f:
+        for document in CorpusReader(resolve_inputs([str(p) for p in files])):
+            f.write("\n".join(s.strip() for s in split_sentences(document) if s.strip()) + "\n\n")
+
+
+def _timed(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def compare(args: argparse.Namespace) -> None:
+    reference = Path(args.reference).resolve()
+    if not reference.is_file():
+        sys.exit(f"--reference {reference}: no such file (expected NVIDIA's create_pretraining_data.py)")
+    env = dict(os.environ)
+    if args.reference_pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([args.reference_pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    work = Path(tempfile.mkdtemp(prefix="prep_speed_"))
+    inputs = [Path(p) for p in args.input]
+    files = [f for p in inputs for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
+    corpora = {}
+    for size in args.sizes_mb:
+        chosen = _corpus(files, size)
+        text = work / f"sentences_{size:g}mb.txt"
+        _sentence_per_line(chosen, text)
+        corpora[size] = (chosen, text)
+    workers = args.workers or 2
+    walls: dict[tuple[float, str], list[float]] = {}
+    tokens: dict[float, int] = {}
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)", flush=True)
+    for round_ in range(args.repeats):
+        for size, (chosen, text) in corpora.items():
+            out = work / f"pld_{size:g}_{round_}"
+            cmd = [sys.executable, "-m", "data_prep", "--input", *map(str, chosen), "--output", str(out),
+                   "--vocab", args.vocab, "--max-seq-length", str(args.max_seq_length),
+                   "--dupe-factor", str(args.dupe_factor), "--workers", str(workers), *args.extra]
+            walls.setdefault((size, "pld-prep"), []).append(_timed(cmd))
+            tokens[size] = json.loads((out / "manifest.json").read_text())["total_tokens"]
+            shutil.rmtree(out, ignore_errors=True)
+            ref_out = work / f"ref_{size:g}_{round_}.hdf5"
+            cmd = [sys.executable, str(reference), "--input_file", str(text), "--output_file", str(ref_out),
+                   "--vocab_file", str(Path(args.vocab).resolve()), "--do_lower_case",
+                   "--max_seq_length", str(args.max_seq_length), "--max_predictions_per_seq", "20",
+                   "--masked_lm_prob", "0.15", "--random_seed", "12345", "--dupe_factor", str(args.dupe_factor)]
+            walls.setdefault((size, "reference"), []).append(_timed(cmd, env=env, cwd=str(reference.parent)))
+            ref_out.unlink(missing_ok=True)
+            print(f"round {round_ + 1}, {size:g} MB: pld-prep {walls[size, 'pld-prep'][-1]:.2f} s, "
+                  f"reference {walls[size, 'reference'][-1]:.2f} s", flush=True)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    results = []
+    for size in corpora:
+        ours, theirs = median(walls[size, "pld-prep"]), median(walls[size, "reference"])
+        row = {"mb": size, "tokens": tokens[size], "pld_prep_s": ours, "reference_s": theirs,
+               "pld_prep_tokens_per_s": tokens[size] / ours, "reference_tokens_per_s": tokens[size] / theirs,
+               "speedup": theirs / ours, "pld_prep_runs": walls[size, "pld-prep"],
+               "reference_runs": walls[size, "reference"]}
+        results.append(row)
+        print(f"{size:g} MB ({tokens[size]:,} tokens): pld-prep ({workers} workers) {ours:.2f} s = "
+              f"{row['pld_prep_tokens_per_s']:,.0f} tokens/s; reference {theirs:.2f} s = "
+              f"{row['reference_tokens_per_s']:,.0f} tokens/s; {row['speedup']:.1f}x (medians of {args.repeats})")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="corpus files or folders, as for pld-prep --input")
@@ -94,8 +189,16 @@ def main() -> None:
     p.add_argument("--dupe-factor", type=int, default=5)
     p.add_argument("--workers", type=int, help="pld-prep --workers (default: its own, the CPU count)")
     p.add_argument("--keep", type=Path, metavar="DIR", help="write the shards here and keep them (must not exist)")
+    p.add_argument("--reference", metavar="PY", help="NVIDIA's create_pretraining_data.py: compare against it")
+    p.add_argument("--reference-pythonpath", metavar="DIR", help="extra PYTHONPATH for the reference (six, boto3)")
+    p.add_argument("--sizes-mb", type=float, nargs="+", default=[4, 12], help="corpus sizes to compare (MB)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of the comparison (median reported)")
+    p.add_argument("--json", type=Path, help="comparison: write the results here")
     p.add_argument("extra", nargs="*", help="more pld-prep arguments, after --")
     args = p.parse_args()
+    if args.reference:
+        compare(args)
+        return
 
     if args.keep and args.keep.exists():
         p.error(f"--keep {args.keep}: exists (pld-prep would find it complete and do nothing)")

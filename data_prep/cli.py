@@ -8,11 +8,14 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from data_prep.errors import PrepError
-from data_prep.pipeline import PrepConfig, Summary, default_workers, eprint, run
 from data_prep.sources import FORMATS
+from data_prep.workers import default_workers, start_pool
+
+if TYPE_CHECKING:
+    from data_prep.pipeline import PrepConfig, Summary
 
 PROG = "pld-prep"
 EXIT_BAD_INPUT = 2
@@ -132,6 +135,8 @@ def _config(args: argparse.Namespace) -> PrepConfig:
             f"--max-predictions-per-seq {args.max_predictions_per_seq}: expected at most --max-seq-length "
             f"({args.max_seq_length})"
         )
+    from data_prep.pipeline import PrepConfig
+
     return PrepConfig(
         inputs=tuple(args.input),
         output=args.output,
@@ -199,6 +204,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The workers start loading (imports, vocabulary) now, while this process imports the pipeline:
+    # on small corpora that start-up is a good part of the run.
+    vocab = None if args.vocab is None else str(args.vocab)
+    pool = start_pool(args.workers or default_workers(), vocab, lowercase=not args.cased)
+    from data_prep.pipeline import eprint, run
+
     # A scheduler's SIGTERM gets the same clean stop as Ctrl-C: no half files, resumable.
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
@@ -210,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             eprint(f"warning: --masked-lm-prob {cfg.masked_lm_prob} at --max-seq-length {cfg.max_seq_length} "
                    f"wants up to {wanted} predictions per sequence, but --max-predictions-per-seq is "
                    f"{cfg.max_predictions_per_seq}: full sequences get only that many")
-        summary = run(cfg, log=eprint)
+        summary = run(cfg, log=eprint, pool=pool)
     except PrepError as e:
         print(f"{PROG}: error: {e}{_left_behind(args.output, before)}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -220,5 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
+        if pool is not None:  # stopped by the run already, unless the arguments were refused first
+            pool.shutdown(wait=False, cancel_futures=True)
     _report(summary, cfg.output)
     return 0

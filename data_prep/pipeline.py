@@ -17,14 +17,11 @@ validation document. Random next sentences never cross the split.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
-import signal
 import sys
 import time
 from collections import deque
@@ -38,9 +35,9 @@ import numpy as np
 from data_prep import __version__
 from data_prep.errors import PrepError
 from data_prep.instances import InstanceConfig, continuation_table, create_instances
-from data_prep.segment import tokenize_documents
 from data_prep.sources import MIN_DOC_CHARS, CorpusReader, Source, resolve_inputs
 from data_prep.vocab import VOCAB_FILE, Vocab, WordPieceEncoder, load_vocab, train_vocab
+from data_prep.workers import start_pool
 from data_prep.writer import (
     SPLITS,
     atomic_path,
@@ -110,8 +107,25 @@ class Summary:
         return self.tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
 
-def run(cfg: PrepConfig, log: Callable[[str], None] = lambda _: None) -> Summary:
-    """Prepare ``cfg.output``; raises PrepError for bad input, anything else is a bug."""
+def run(
+    cfg: PrepConfig, log: Callable[[str], None] = lambda _: None, pool: ProcessPoolExecutor | None = None
+) -> Summary:
+    """Prepare ``cfg.output``; raises PrepError for bad input, anything else is a bug.
+
+    ``pool``: worker processes from ``workers.start_pool`` (the command line starts them before it
+    imports this module); without one, the workers are started here, before anything is read.
+    Either way the run shuts them down.
+    """
+    if pool is None:
+        pool = start_pool(cfg.workers, None if cfg.vocab is None else str(cfg.vocab), cfg.lowercase)
+    try:
+        return _run(cfg, log, pool)
+    finally:
+        if pool is not None:  # a no-op when the run's _Workers has shut it down already
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _run(cfg: PrepConfig, log: Callable[[str], None], pool: ProcessPoolExecutor | None) -> Summary:
     start = time.perf_counter()
     output = cfg.output
     if output.exists() and not output.is_dir():
@@ -172,7 +186,7 @@ def run(cfg: PrepConfig, log: Callable[[str], None] = lambda _: None) -> Summary
     reader = CorpusReader(sources, cfg.text_key, cfg.workers)
     summary = Summary()
     try:
-        with _Workers(cfg.workers, vocab, inst_cfg, cfg.seed, spill_dir) as workers:
+        with _Workers(cfg.workers, vocab, inst_cfg, cfg.seed, spill_dir, pool) as workers:
             batches = _process_batches(reader, cfg, workers, spill_dir, summary, log)
             summary.documents = sum(s.documents for s in reader.stats)
             summary.skipped_documents = sum(s.skipped_documents for s in reader.stats)
@@ -261,24 +275,31 @@ def _prepare_spill(root: Path, spill_dir: Path) -> None:
 _state: dict[str, object] = {}
 
 
-def _init_worker(vocab: Vocab, inst_cfg: InstanceConfig, seed: int, spill_dir: Path, in_pool: bool) -> None:
-    if in_pool:
-        # The parent handles Ctrl-C (the terminal sends it to the whole process group) and
-        # terminates the workers; and a worker must not outlive a parent that was killed outright.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _die_with_parent()
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _state.update(encoder=WordPieceEncoder(vocab), cfg=inst_cfg, seed=seed, spill_dir=spill_dir, vocab=vocab)
+def _use_context(context: tuple) -> None:
+    """Make a run's settings current in this process (a worker may have served another run before)."""
+    key, vocab, inst_cfg, seed, spill_dir = context
+    if _state.get("key") != key:
+        _state.update(key=key, encoder=_encoder(vocab), cfg=inst_cfg, seed=seed, spill_dir=spill_dir, vocab=vocab)
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            pr_set_pdeathsig = 1
-            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+def _encoder(vocab: Vocab) -> WordPieceEncoder:
+    encoders: dict = _state.setdefault("encoders", {})  # type: ignore[assignment]
+    key = (vocab.sha256, vocab.lowercase)
+    if key not in encoders:
+        encoders[key] = WordPieceEncoder(vocab)
+    return encoders[key]
 
 
-def _process_batch(batch: int, documents: list[str]) -> dict:
+def warm_encoder(vocab_path: str, lowercase: bool) -> None:
+    """Load the vocabulary into a worker before its first task (workers.init_worker calls this)."""
+    with contextlib.suppress(Exception):  # a bad vocabulary is the parent's to report, in one line
+        _encoder(load_vocab(Path(vocab_path), lowercase))
+
+
+def _process_batch(context: tuple, batch: int, documents: list[str]) -> dict:
+    from data_prep.segment import tokenize_documents  # blingfire: loaded by the workers only
+
+    _use_context(context)
     cfg: InstanceConfig = _state["cfg"]  # type: ignore[assignment]
     tokenized = tokenize_documents(documents, _state["encoder"])  # type: ignore[arg-type]
     rng = np.random.default_rng([_state["seed"], batch])  # type: ignore[list-item]
@@ -310,23 +331,28 @@ def _write_shard_task(args: tuple) -> str:
 
 
 class _Workers:
-    """A spawn-based process pool, or the calling process itself when ``workers == 1``."""
+    """The run's process pool (workers.start_pool), or the calling process itself when ``workers == 1``."""
 
-    def __init__(self, workers: int, vocab: Vocab, inst_cfg: InstanceConfig, seed: int, spill_dir: Path) -> None:
+    def __init__(
+        self,
+        workers: int,
+        vocab: Vocab,
+        inst_cfg: InstanceConfig,
+        seed: int,
+        spill_dir: Path,
+        pool: ProcessPoolExecutor | None = None,
+    ) -> None:
         self.size = workers
-        self._init = (vocab, inst_cfg, seed, spill_dir)
+        # Sent with every batch: pool processes are started before the run's settings are known.
+        self.context = (os.urandom(8).hex(), vocab, inst_cfg, seed, spill_dir)
+        self._given = pool
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> _Workers:
         if self.size > 1:
-            # spawn: workers start clean, without the parent's tokenizer threads or open files; and
-            # unlike multiprocessing.Pool, a worker that dies fails the run instead of hanging it.
-            ctx = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(
-                self.size, mp_context=ctx, initializer=_init_worker, initargs=(*self._init, True)
-            )
+            self._pool = self._given or start_pool(self.size)
         else:
-            _init_worker(*self._init, False)
+            _use_context(self.context)
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
@@ -411,7 +437,7 @@ def _process_batches(
             summary.batches_reused += 1
             results.append({"batch": index, "split": split, **meta})
             return
-        pending.append((index, split, workers.submit(_process_batch, index, documents)))
+        pending.append((index, split, workers.submit(_process_batch, workers.context, index, documents)))
         collect(block=False)
         if time.perf_counter() - last_report > _PROGRESS_SECONDS:
             last_report = time.perf_counter()
@@ -584,13 +610,6 @@ def _summary_from_manifest(manifest: dict) -> Summary:
         instances={s: splits[s]["instances"] for s in SPLITS},
         shards={s: len(splits[s]["shards"]) for s in SPLITS},
     )
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on every platform
-        return max(1, os.cpu_count() or 1)
 
 
 def eprint(message: str) -> None:

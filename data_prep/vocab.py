@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import BertWordPieceTokenizer
 
 from data_prep.errors import PrepError
 
@@ -86,6 +85,8 @@ def load_vocab(path: Path, lowercase: bool, flag: str = "--vocab") -> Vocab:
 
 def train_vocab(documents: Iterable[str], size: int, lowercase: bool) -> list[str]:
     """Train a WordPiece vocabulary of at most ``size`` tokens; returns the tokens in id order."""
+    from tokenizers import BertWordPieceTokenizer  # imported where needed: pld-prep's parent rarely does
+
     tokenizer = BertWordPieceTokenizer(lowercase=lowercase)
     tokenizer.train_from_iterator(
         documents,
@@ -102,6 +103,8 @@ class WordPieceEncoder:
     """Sentence -> WordPiece ids, identical to ``BertWordPieceTokenizer.encode(s, add_special_tokens=False)``."""
 
     def __init__(self, vocab: Vocab) -> None:
+        from tokenizers import BertWordPieceTokenizer
+
         tokenizer = BertWordPieceTokenizer(str(vocab.path), lowercase=vocab.lowercase)
         self._tokenizer = tokenizer._tokenizer  # the Rust Tokenizer; the wrapper adds nothing here
         self._lowercase = vocab.lowercase
