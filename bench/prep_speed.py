@@ -120,10 +120,15 @@ def _sentence_per_line(files: list[Path], out: Path) -> None:
             f.write("\n".join(s.strip() for s in split_sentences(document) if s.strip()) + "\n\n")
 
 
-def _timed(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> float:
+def _timed(cmd: list[str], cpu: list[float], env: dict[str, str] | None = None, cwd: str | None = None) -> float:
+    """Wall seconds of one command; its CPU seconds (itself and the workers it waited for) go to ``cpu``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return wall
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -135,7 +140,8 @@ def compare(args: argparse.Namespace) -> None:
         env["PYTHONPATH"] = os.pathsep.join([args.reference_pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     work = Path(tempfile.mkdtemp(prefix="prep_speed_"))
     inputs = [Path(p) for p in args.input]
-    files = [f for p in inputs for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
+    files = [f.resolve() for p in inputs for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
+    args.vocab = str(Path(args.vocab).resolve())
     corpora = {}
     for size in args.sizes_mb:
         chosen = _corpus(files, size)
@@ -144,6 +150,7 @@ def compare(args: argparse.Namespace) -> None:
         corpora[size] = (chosen, text)
     workers = args.workers or 2
     walls: dict[tuple[float, str], list[float]] = {}
+    cpus: dict[tuple[float, str], list[float]] = {}  # CPU seconds: less sensitive to other jobs than wall time
     tokens: dict[float, int] = {}
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)", flush=True)
     for round_ in range(args.repeats):
@@ -152,18 +159,28 @@ def compare(args: argparse.Namespace) -> None:
             cmd = [sys.executable, "-m", "data_prep", "--input", *map(str, chosen), "--output", str(out),
                    "--vocab", args.vocab, "--max-seq-length", str(args.max_seq_length),
                    "--dupe-factor", str(args.dupe_factor), "--workers", str(workers), *args.extra]
-            walls.setdefault((size, "pld-prep"), []).append(_timed(cmd))
+            walls.setdefault((size, "pld-prep"), []).append(_timed(cmd, cpus.setdefault((size, "pld-prep"), [])))
             tokens[size] = json.loads((out / "manifest.json").read_text())["total_tokens"]
             shutil.rmtree(out, ignore_errors=True)
+            if args.other_pythonpath:
+                other_env = dict(os.environ, PYTHONPATH=args.other_pythonpath)
+                # From its own folder: the working directory comes first on sys.path.
+                walls.setdefault((size, "other"), []).append(
+                    _timed(cmd, cpus.setdefault((size, "other"), []), env=other_env, cwd=args.other_pythonpath)
+                )
+                shutil.rmtree(out, ignore_errors=True)
             ref_out = work / f"ref_{size:g}_{round_}.hdf5"
             cmd = [sys.executable, str(reference), "--input_file", str(text), "--output_file", str(ref_out),
                    "--vocab_file", str(Path(args.vocab).resolve()), "--do_lower_case",
                    "--max_seq_length", str(args.max_seq_length), "--max_predictions_per_seq", "20",
                    "--masked_lm_prob", "0.15", "--random_seed", "12345", "--dupe_factor", str(args.dupe_factor)]
-            walls.setdefault((size, "reference"), []).append(_timed(cmd, env=env, cwd=str(reference.parent)))
+            walls.setdefault((size, "reference"), []).append(
+                _timed(cmd, cpus.setdefault((size, "reference"), []), env=env, cwd=str(reference.parent))
+            )
             ref_out.unlink(missing_ok=True)
+            other = f", other pld-prep {walls[size, 'other'][-1]:.2f} s" if args.other_pythonpath else ""
             print(f"round {round_ + 1}, {size:g} MB: pld-prep {walls[size, 'pld-prep'][-1]:.2f} s, "
-                  f"reference {walls[size, 'reference'][-1]:.2f} s", flush=True)
+                  f"reference {walls[size, 'reference'][-1]:.2f} s{other}", flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     results = []
     for size in corpora:
@@ -171,11 +188,22 @@ def compare(args: argparse.Namespace) -> None:
         row = {"mb": size, "tokens": tokens[size], "pld_prep_s": ours, "reference_s": theirs,
                "pld_prep_tokens_per_s": tokens[size] / ours, "reference_tokens_per_s": tokens[size] / theirs,
                "speedup": theirs / ours, "pld_prep_runs": walls[size, "pld-prep"],
-               "reference_runs": walls[size, "reference"]}
+               "reference_runs": walls[size, "reference"], "pld_prep_cpu_s": median(cpus[size, "pld-prep"]),
+               "reference_cpu_s": median(cpus[size, "reference"]), "pld_prep_cpu_runs": cpus[size, "pld-prep"],
+               "reference_cpu_runs": cpus[size, "reference"]}
+        if args.other_pythonpath:
+            row["other_s"] = median(walls[size, "other"])
+            row["other_runs"] = walls[size, "other"]
+            row["other_speedup"] = theirs / row["other_s"]
+            row["other_cpu_s"] = median(cpus[size, "other"])
         results.append(row)
         print(f"{size:g} MB ({tokens[size]:,} tokens): pld-prep ({workers} workers) {ours:.2f} s = "
               f"{row['pld_prep_tokens_per_s']:,.0f} tokens/s; reference {theirs:.2f} s = "
-              f"{row['reference_tokens_per_s']:,.0f} tokens/s; {row['speedup']:.1f}x (medians of {args.repeats})")
+              f"{row['reference_tokens_per_s']:,.0f} tokens/s; {row['speedup']:.1f}x (medians of {args.repeats}); "
+              f"CPU seconds {row['pld_prep_cpu_s']:.2f} against {row['reference_cpu_s']:.2f}")
+        if args.other_pythonpath:
+            print(f"  other pld-prep ({args.other_pythonpath}): {row['other_s']:.2f} s, {row['other_speedup']:.1f}x, "
+                  f"CPU seconds {row['other_cpu_s']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
@@ -193,6 +221,8 @@ def main() -> None:
     p.add_argument("--reference-pythonpath", metavar="DIR", help="extra PYTHONPATH for the reference (six, boto3)")
     p.add_argument("--sizes-mb", type=float, nargs="+", default=[4, 12], help="corpus sizes to compare (MB)")
     p.add_argument("--repeats", type=int, default=3, help="rounds of the comparison (median reported)")
+    p.add_argument("--other-pythonpath", metavar="DIR",
+                   help="also time the data_prep package under DIR (e.g. an older checkout), in the same rounds")
     p.add_argument("--json", type=Path, help="comparison: write the results here")
     p.add_argument("extra", nargs="*", help="more pld-prep arguments, after --")
     args = p.parse_args()
