@@ -333,9 +333,15 @@ def _choose_words(candidate: np.ndarray, start: np.ndarray, budget: np.ndarray, 
     word_length = np.bincount(word_of[flat_candidate], minlength=int(flat_start.sum()))
     length_at = np.zeros(n * seq, dtype=np.int64)
     length_at[flat_start] = word_length
-    keys = rng.random((n, seq))
-    keys[~start] = 2.0  # after every word
-    order = np.argsort(keys, axis=1, kind="stable")
+    # Words in a random order: random high bits above the position make keys that never tie and sort as
+    # integers; the position comes back from the low bits. Non-starts sort after every word.
+    pos_bits = max(1, (seq - 1).bit_length())
+    dtype, raw_bits = (np.int32, 32) if pos_bits <= 16 else (np.int64, 64)
+    raw = rng.bit_generator.random_raw(-(-n * seq * raw_bits // 64)).view(f"u{raw_bits // 8}")[: n * seq]
+    keys = (raw >> (pos_bits + 1)).astype(dtype).reshape(n, seq) << pos_bits
+    keys |= np.arange(seq, dtype=dtype)
+    keys[~start] = np.iinfo(dtype).max
+    order = (np.sort(keys, axis=1) & ((1 << pos_bits) - 1)).astype(np.int64)
     sorted_length = np.take_along_axis(length_at.reshape(n, seq), order, axis=1)
     words = start.sum(axis=1)
     taken = np.zeros(n, dtype=np.int64)
@@ -348,6 +354,7 @@ def _choose_words(candidate: np.ndarray, start: np.ndarray, budget: np.ndarray, 
         chosen_sorted[:, column] = fits
         taken += np.where(fits, sorted_length[:, column], 0)
     chosen_start = np.zeros((n, seq), dtype=bool)
-    np.put_along_axis(chosen_start, order, chosen_sorted, axis=1)
+    row, column = np.nonzero(chosen_sorted)
+    chosen_start[row, order[row, column]] = True
     chosen_word = chosen_start.reshape(-1)[flat_start]
     return (flat_candidate & chosen_word[np.maximum(word_of, 0)]).reshape(n, seq)

@@ -309,3 +309,20 @@ def test_dynamic_masking_settings_come_from_the_manifest_and_flags(wordy, tmp_pa
                                 "--whole-word-masking"])
     with pytest.raises(ShardError, match="--whole-word-masking: .* is statically masked .*pld-prep --whole-word-mask"):
         pretrain.run(args)
+
+
+def test_a_classifier_starts_from_an_mlm_only_model_with_a_fresh_pooler():
+    import torch
+    from pld_helpers import tiny_config
+
+    from pld_ds.model import BertForPreTraining, BertForSequenceClassification, load_pretraining_weights
+
+    torch.manual_seed(0)
+    mlm_only = BertForPreTraining(tiny_config(nsp=False))
+    assert not hasattr(mlm_only.heads, "pooler") and not hasattr(mlm_only.heads, "nsp")
+    out = mlm_only(torch.tensor([[2, 7, 8, 3]]), next_sentence_labels=torch.tensor([1]))
+    assert out.nsp_logits is None and out.nsp_loss is None and out.loss is None  # NSP labels are ignored
+    classifier = BertForSequenceClassification(tiny_config(), num_labels=2)
+    fresh = load_pretraining_weights(classifier, mlm_only.state_dict())
+    assert sorted(fresh) == ["classifier.bias", "classifier.weight", "pooler.bias", "pooler.weight"]
+    assert torch.equal(classifier.encoder.layers[1].attn.qkv.weight, mlm_only.encoder.layers[1].attn.qkv.weight)

@@ -62,13 +62,8 @@ class DynamicMasking:
         # Rank the candidates of each row by a random key and keep the `want` smallest. A key is random
         # high bits above the position: no two keys of a row tie, integers sort fast, and the position
         # comes back from the low bits. Non-candidates get the largest key and are never kept.
-        pos_bits = max(1, (seq_len - 1).bit_length())
-        dtype, raw_bits = (np.int32, 32) if pos_bits <= 16 else (np.int64, 64)
-        count = rows * seq_len
-        raw = rng.bit_generator.random_raw(-(-count * raw_bits // 64)).view(f"u{raw_bits // 8}")[:count]
-        keys = (raw >> (pos_bits + 1)).astype(dtype).reshape(rows, seq_len) << pos_bits
-        keys |= np.arange(seq_len, dtype=dtype)
-        top = np.iinfo(dtype).max
+        keys, pos_bits = _position_keys(rows, seq_len, rng)
+        top = np.iinfo(keys.dtype).max
         keys[~candidate] = top
         smallest = np.sort(keys, axis=1)[:, :cap]
         keep = (np.arange(cap) < want[:, None]) & (smallest != top)
@@ -101,9 +96,10 @@ class DynamicMasking:
         word_of = np.cumsum(flat_start) - 1  # running word index; candidates always follow their word's start
         length_at = np.zeros(rows * seq_len, dtype=np.int64)
         length_at[flat_start] = np.bincount(word_of[flat_candidate], minlength=int(flat_start.sum()))
-        keys = rng.random((rows, seq_len))
-        keys[~start] = 2.0  # non-starts sort after every word
-        order = np.argsort(keys, axis=1, kind="stable")
+        # Words in a random order: the word starts sorted by random keys (non-starts after every word).
+        keys, pos_bits = _position_keys(rows, seq_len, rng)
+        keys[~start] = np.iinfo(keys.dtype).max
+        order = (np.sort(keys, axis=1) & ((1 << pos_bits) - 1)).astype(np.int64)
         sorted_length = np.take_along_axis(length_at.reshape(rows, seq_len), order, axis=1)
         words = start.sum(axis=1)
         taken = np.zeros(rows, dtype=np.int64)
@@ -116,5 +112,18 @@ class DynamicMasking:
             chosen[:, column] = fits
             taken += np.where(fits, sorted_length[:, column], 0)
         chosen_start = np.zeros((rows, seq_len), dtype=bool)
-        np.put_along_axis(chosen_start, order, chosen, axis=1)
+        row, column = np.nonzero(chosen)
+        chosen_start[row, order[row, column]] = True
         return (flat_candidate & chosen_start.reshape(-1)[flat_start][np.maximum(word_of, 0)]).reshape(rows, seq_len)
+
+
+def _position_keys(rows: int, seq_len: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """[rows, seq_len] random sort keys, and how many low bits hold the position: random high bits above the
+    position, so no two keys of a row tie, integers sort fast, and the position comes back from the low bits."""
+    pos_bits = max(1, (seq_len - 1).bit_length())
+    dtype, raw_bits = (np.int32, 32) if pos_bits <= 16 else (np.int64, 64)
+    count = rows * seq_len
+    raw = rng.bit_generator.random_raw(-(-count * raw_bits // 64)).view(f"u{raw_bits // 8}")[:count]
+    keys = (raw >> (pos_bits + 1)).astype(dtype).reshape(rows, seq_len) << pos_bits
+    keys |= np.arange(seq_len, dtype=dtype)
+    return keys, pos_bits
