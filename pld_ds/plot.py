@@ -126,20 +126,22 @@ def _xy(points: Sequence[tuple[int, float]]) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_run(run: RunOrScalars, out_png: str | Path, title: str | None = None) -> Path:
-    """Loss against step (train lines, evaluation markers) above θ and expected depth (twin axis), as a PNG."""
+def plot_run(run: RunOrScalars, out_png: str | Path, title: str | None = None, baseline: float | None = None) -> Path:
+    """Loss against step (train lines, evaluation markers) above θ and expected depth (twin axis), as a PNG.
+    `baseline`: a reference loss drawn as a horizontal line (e.g. pld_ds.probe's unigram baseline)."""
     if isinstance(run, (str, Path)):
         title = Path(run).resolve().name if title is None else title
         folder, run = run, read_scalars(run)
         try:
-            fig = run_figure(run, title)
+            fig = run_figure(run, title, baseline)
         except UserError as err:  # say which run folder had nothing to plot
             raise UserError(f"{folder}: {err}") from None
         return _save(fig, out_png)
-    return _save(run_figure(run, title), out_png)
+    return _save(run_figure(run, title, baseline), out_png)
 
 
-def run_figure(run: Mapping[str, Sequence[tuple[int, float]]], title: str | None = None):
+def run_figure(run: Mapping[str, Sequence[tuple[int, float]]], title: str | None = None,
+               baseline: float | None = None):
     """plot_run's matplotlib Figure: axes[0] the losses, axes[1] θ, axes[2] (a twin of axes[1]) expected depth."""
     from matplotlib.ticker import MaxNLocator
 
@@ -152,6 +154,8 @@ def run_figure(run: Mapping[str, Sequence[tuple[int, float]]], title: str | None
             loss_ax.plot(*_xy(run[tag]), label=tag, linewidth=1)
     if run.get(EVAL_LOSS_TAG):
         loss_ax.plot(*_xy(run[EVAL_LOSS_TAG]), "o", label=EVAL_LOSS_TAG, markersize=5)
+    if baseline is not None:
+        loss_ax.axhline(baseline, color="gray", linestyle=":", label=f"unigram baseline ({baseline:.2f})")
     loss_ax.set_ylabel("loss")
     loss_ax.grid(alpha=0.3)
     if loss_ax.lines:
@@ -212,10 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="pld-plot", description=__doc__.split("\n")[0])
     p.add_argument("run_dir", metavar="RUN_DIR", help="a pld-pretrain --output folder (or any folder of event files)")
     p.add_argument("--out", metavar="FILE.png", help="where to write the plot (default: RUN_DIR/plot.png)")
+    p.add_argument("--title", help="the plot's title (default: the run folder's name)")
+    p.add_argument("--baseline", type=float, metavar="NATS", help="draw this loss as a horizontal baseline")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = p.parse_args(argv)
     with one_line_errors("pld-plot", args.debug):
-        out = plot_run(args.run_dir, args.out or Path(args.run_dir) / "plot.png")
+        out = plot_run(args.run_dir, args.out or Path(args.run_dir) / "plot.png", title=args.title,
+                       baseline=args.baseline)
     print(out)
 
 
