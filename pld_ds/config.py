@@ -117,6 +117,10 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_layers=4, num_heads=2, intermediate_size=128, max_position_embeddings=128),
     # Small enough to learn on two CPU cores in minutes (the quickstart).
     "micro": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_position_embeddings=128),
+    # Deep and narrow, so that PLD has layers to drop, at sequence length 128: the CPU recipes (narrow12 in the
+    # quickstart, deep12 in the longer recipe of docs/fidelity.md).
+    "narrow12": dict(hidden_size=128, num_layers=12, num_heads=2, intermediate_size=512, max_position_embeddings=128),
+    "deep12": dict(hidden_size=256, num_layers=12, num_heads=4, intermediate_size=1024, max_position_embeddings=128),
     # Google's BERT miniatures (Turc et al. 2019) and the two paper sizes.
     "mini": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
     "small": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=2048),
