@@ -3,13 +3,15 @@
 Search. The model carries learnable slimming coefficients, initialised to 1 (BertConfig.slimming): one
 per attention head, scaling that head's context, and one per feed-forward neuron, scaling its GELU
 output. An L1 penalty lambda * sum |c| joins the training loss and the coefficients train with the
-model's optimizer. Every `check_interval` optimizer steps the ticket's masks are built from the
-coefficients: in every layer the `head_prune_ratio` of its heads with the smallest |c|, and over all
-layers together the `neuron_prune_ratio` of the neurons with the smallest |c|, are pruned. The newest
-`window` masks are kept; the ticket has emerged when the newest lies within `threshold` of each of
-the others. The distance of two masks is the fraction of positions that differ, taken for the heads
-and for the neurons separately, and the larger of the two counts: one fraction over all positions
-would let the neurons (36,864 in BERT-base) drown the heads (144).
+model's optimizer. Under PLD a layer's terms join only when the layer ran, times 1/p like its output
+(penalty_weights): a dropped layer gets neither a data gradient nor an L1 pull that step. Every
+`check_interval` optimizer steps the ticket's masks are built from the coefficients: in every layer the
+`head_prune_ratio` of its heads with the smallest |c|, and over all layers together the
+`neuron_prune_ratio` of the neurons with the smallest |c|, are pruned. The newest `window` masks are
+kept; the ticket has emerged when the newest lies within `threshold` of each of the others. The
+distance of two masks is the fraction of positions that differ, taken for the heads and for the neurons
+separately, and the larger of the two counts: one fraction over all positions would let the neurons
+(36,864 in BERT-base) drown the heads (144).
 
 Draw. The pruned heads and neurons are removed from the weights (fewer rows in the fused QKV and fc1,
 fewer columns in the output projection and fc2), so the compute saving is real; the coefficients are
@@ -157,21 +159,63 @@ def coefficients(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tenso
     return heads, neurons
 
 
-def l1_penalty(model: nn.Module, lambda_heads: float, lambda_neurons: float) -> torch.Tensor:
-    """lambda_heads * sum |head coefficients| + lambda_neurons * sum |neuron coefficients|."""
+PENALTY_LAYERS = ("ran", "ran_unscaled", "all")
+
+
+def penalty_weights(gates: Sequence[tuple[bool, float]] | None, layers: str = "ran") -> list[float] | None:
+    """Per layer, the factor on its L1 term in a forward that drew PLD `gates` ((kept, keep probability)
+    per layer; None: every layer ran, every factor 1).
+
+    "ran" (the default): 1/p for a layer that ran and 0 for a dropped one. A dropped layer got no data
+    gradient, so it gets no L1 pull either, and a kept one is pulled by 1/p, the factor its output was
+    scaled by: over the gates the expected pull is the full penalty, as the expected data gradient is the
+    one without PLD. "ran_unscaled": 1 where the layer ran, 0 where not (the expected pull on layer l is
+    then p_l times the full one: deep layers, dropped most, are penalised least). "all": 1 everywhere, also
+    on layers that did not run (the penalty the loss carried before PLD was taken into account)."""
+    if layers not in PENALTY_LAYERS:
+        raise ValueError(f"layers must be one of {', '.join(PENALTY_LAYERS)}, got {layers!r}")
+    if gates is None or layers == "all":
+        return None
+    if layers == "ran_unscaled":
+        return [1.0 if kept else 0.0 for kept, _ in gates]
+    return [1.0 / keep_prob if kept else 0.0 for kept, keep_prob in gates]
+
+
+def l1_penalty(model: nn.Module, lambda_heads: float, lambda_neurons: float,
+               layer_weights: Sequence[float] | None = None) -> torch.Tensor:
+    """lambda_heads * sum |head coefficients| + lambda_neurons * sum |neuron coefficients|; with
+    `layer_weights` (penalty_weights), layer l's terms times layer_weights[l] (a layer weighted 0 is left out
+    of the graph, so it gets no gradient from the penalty)."""
     heads, neurons = coefficients(model)
-    return (lambda_heads * torch.cat([c.abs() for c in heads]).sum()
-            + lambda_neurons * torch.cat([c.abs() for c in neurons]).sum())
+    if layer_weights is None:
+        return (lambda_heads * torch.cat([c.abs() for c in heads]).sum()
+                + lambda_neurons * torch.cat([c.abs() for c in neurons]).sum())
+    if len(layer_weights) != len(heads):
+        raise ValueError(f"{len(layer_weights)} layer weights for a model of {len(heads)} layers")
+    total = heads[0].new_zeros(())
+    for weight, head, neuron in zip(layer_weights, heads, neurons, strict=True):
+        if weight:
+            total = total + weight * (lambda_heads * head.abs().sum() + lambda_neurons * neuron.abs().sum())
+    return total
 
 
-def add_penalty_to_loss(model: nn.Module, lambda_heads: float, lambda_neurons: float) -> RemovableHandle:
+def add_penalty_to_loss(model: nn.Module, lambda_heads: float, lambda_neurons: float,
+                        layers: str = "ran") -> RemovableHandle:
     """A forward hook that adds the L1 penalty to `output.loss` in training mode (not in evaluation), so
-    PLDEngine.train_batch and any loop that backpropagates `out.loss` optimise it unchanged."""
+    PLDEngine.train_batch and any loop that backpropagates `out.loss` optimise it unchanged. Under PLD the
+    penalty covers the layers that ran, as penalty_weights(output.gates, layers) says. The penalty is also
+    put in `output.l1_penalty` (detached) where the output has that field, so it can be logged apart from
+    the MLM and NSP losses."""
     bert = _bert(model)
+    penalty_weights(None, layers)  # check the name now, not at the first forward
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         if module.training and getattr(output, "loss", None) is not None:
-            output.loss = output.loss + l1_penalty(module, lambda_heads, lambda_neurons).to(output.loss.dtype)
+            weights = penalty_weights(getattr(output, "gates", None), layers)
+            penalty = l1_penalty(module, lambda_heads, lambda_neurons, weights).to(output.loss.dtype)
+            output.loss = output.loss + penalty
+            if hasattr(output, "l1_penalty"):
+                output.l1_penalty = penalty.detach()
 
     return bert.register_forward_hook(hook)
 
@@ -477,11 +521,12 @@ class TicketSearch:
         ...each optimizer step:  if search.observe(step, model): slim = search.draw(model)
 
     Gives the model its coefficients if it has none, remembers its weights for "rewind", and (unless
-    penalty_in_loss is False, for loops that compute the loss outside the model: add `penalty(model)`
+    penalty_in_loss is False, for loops that compute the loss outside the model: add `penalty(model, out.gates)`
     yourself) makes the model's training loss carry the L1 penalty until the draw.
     """
 
-    def __init__(self, model: nn.Module, cfg: EarlyBertConfig, *, penalty_in_loss: bool = True) -> None:
+    def __init__(self, model: nn.Module, cfg: EarlyBertConfig, *, penalty_in_loss: bool = True,
+                 penalty_layers: str = "ran") -> None:
         bert = enable_slimming(_bert(model))
         _refuse_zero3(bert)
         self.cfg = cfg
@@ -494,10 +539,14 @@ class TicketSearch:
         self.report: TicketReport | None = None
         self._emerged_masks: TicketMasks | None = None
         self.last_step = 0
-        self._handle = add_penalty_to_loss(bert, cfg.lambda_heads, cfg.lambda_neurons) if penalty_in_loss else None
+        self.penalty_layers = penalty_layers
+        self._handle = (add_penalty_to_loss(bert, cfg.lambda_heads, cfg.lambda_neurons, penalty_layers)
+                        if penalty_in_loss else None)
 
-    def penalty(self, model: nn.Module) -> torch.Tensor:
-        return l1_penalty(model, self.cfg.lambda_heads, self.cfg.lambda_neurons)
+    def penalty(self, model: nn.Module, gates: Sequence[tuple[bool, float]] | None = None) -> torch.Tensor:
+        """The L1 penalty for a forward that drew PLD `gates` (its output's `gates`; None: every layer ran)."""
+        return l1_penalty(model, self.cfg.lambda_heads, self.cfg.lambda_neurons,
+                          penalty_weights(gates, self.penalty_layers))
 
     def masks(self, model: nn.Module) -> TicketMasks:
         return masks_from_model(model, self.cfg.head_prune_ratio, self.cfg.neuron_prune_ratio)

@@ -397,6 +397,80 @@ def test_pruning_without_zeroing_changes_outputs(batch):
     assert not torch.allclose(model(**batch).mlm_logits, slim(**batch).mlm_logits, atol=1e-3)
 
 
+# -- the penalty under PLD ---------------------------------------------------------------------------
+
+
+def coefficient_grads(model, batch, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **kwargs)
+    out.loss.backward()
+    heads, neurons = earlybert.coefficients(model)
+    zero = torch.zeros(())
+    return out, [(h.grad if h.grad is not None else zero, n.grad if n.grad is not None else zero)
+                 for h, n in zip(heads, neurons, strict=True)]
+
+
+def test_l1_pull_reaches_only_the_layers_that_ran_scaled_by_one_over_p(batch):
+    """A dropped layer gets no data gradient, so it must get no L1 pull either; a kept one gets lambda/p
+    times sign(c) on top of its data gradient, the 1/p its output was scaled by."""
+    model = slimming_model().train()
+    randomize_coefficients(model)
+    with torch.no_grad():  # signs of both kinds, so the pull is not the same sign everywhere
+        for head, neuron in zip(*earlybert.coefficients(model), strict=True):
+            head[0], neuron[:3] = -head[0], -neuron[:3]
+    step = dropping_step(0.4)
+    pld_kwargs = dict(progressive_layer_drop=True, pld_theta=0.4)
+    out, data_only = coefficient_grads(model, batch, **pld_kwargs, pld_generator=pld.gate_generator(0, step, 0))
+    handle = earlybert.add_penalty_to_loss(model, lambda_heads=0.5, lambda_neurons=0.25)
+    out, with_l1 = coefficient_grads(model, batch, **pld_kwargs, pld_generator=pld.gate_generator(0, step, 0))
+    handle.remove()
+    gates = pld.sample_gates(4, 0.4, pld.gate_generator(0, step, 0))  # what the forward drew
+    assert any(not kept for kept, _ in gates) and any(kept for kept, _ in gates)
+    heads, neurons = earlybert.coefficients(model)
+    for (kept, keep_prob), (dh, dn), (lh, ln), head, neuron in zip(gates, data_only, with_l1, heads, neurons,
+                                                                   strict=True):
+        if not kept:
+            assert not lh.any() and not ln.any()
+        else:
+            assert keep_prob < 1
+            torch.testing.assert_close(lh - dh, 0.5 / keep_prob * head.detach().sign())
+            torch.testing.assert_close(ln - dn, 0.25 / keep_prob * neuron.detach().sign())
+    assert out.gates == gates
+    weights = earlybert.penalty_weights(gates)
+    expected = sum(w * (0.5 * h.abs().sum() + 0.25 * n.abs().sum()) for w, h, n in zip(weights, heads, neurons,
+                                                                                       strict=True))
+    assert out.l1_penalty.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx((out.mlm_loss + out.nsp_loss + out.l1_penalty).item(), rel=1e-6)
+
+
+def test_penalty_weights_per_choice():
+    gates = [(True, 1.0), (False, 0.75), (True, 0.5)]
+    assert earlybert.penalty_weights(gates) == [1.0, 0.0, 2.0]
+    assert earlybert.penalty_weights(gates, "ran_unscaled") == [1.0, 0.0, 1.0]
+    assert earlybert.penalty_weights(gates, "all") is None
+    assert earlybert.penalty_weights(None) is None  # no PLD: every layer, unscaled
+    # over the gates, the expected weight of every layer is 1: the penalty without PLD
+    g = pld.gate_generator(0, 0, 0)
+    draws = [earlybert.penalty_weights(pld.sample_gates(4, 0.5, g)) for _ in range(4000)]
+    for layer_weights in zip(*draws, strict=True):
+        assert sum(layer_weights) / len(draws) == pytest.approx(1.0, abs=0.06)
+    with pytest.raises(ValueError, match="ran_unscaled"):
+        earlybert.penalty_weights(gates, "dropped")
+
+
+def test_penalty_without_pld_or_in_eval_is_unchanged(batch):
+    model = slimming_model().train()
+    randomize_coefficients(model)
+    handle = earlybert.add_penalty_to_loss(model, lambda_heads=0.5, lambda_neurons=0.25)
+    out = model(**batch)
+    assert out.gates is None
+    assert out.l1_penalty.item() == pytest.approx(earlybert.l1_penalty(model, 0.5, 0.25).item(), rel=1e-6)
+    model.eval()
+    out = model(**batch)
+    assert out.l1_penalty is None and out.loss.item() == pytest.approx((out.mlm_loss + out.nsp_loss).item())
+    handle.remove()
+
+
 def test_prune_keeps_the_right_rows_and_folds_coefficients():
     model = slimming_model()
     randomize_coefficients(model)
@@ -551,6 +625,7 @@ def test_search_loss_carries_the_penalty_and_coefficients_train(engine_run):
     # eval (no penalty) of the same batch with the same weights: dropout is 0
     assert losses["mlm_loss"] == pytest.approx(record["clean"].mlm_loss.item(), abs=1e-6)
     assert losses["loss"] == pytest.approx(losses["mlm_loss"] + losses["nsp_loss"] + record["penalty"], abs=1e-6)
+    assert losses["l1_penalty"] == pytest.approx(record["penalty"], abs=1e-6)  # logged apart: train/l1_penalty
     assert record["penalty"] == pytest.approx(0.01 * 4 * 2 + 0.001 * 4 * 128)  # every coefficient still 1
     assert any(not torch.equal(a, b) for a, b in zip(record["coef_before"], record["coef_after"], strict=True))
     assert record["over"] == [False, True] and search.emergence_step == 2  # window 2, threshold 1: second check
@@ -563,6 +638,7 @@ def test_slim_model_trains_without_the_penalty(engine_run):
     for losses in record["slim_losses"]:
         assert math.isfinite(losses["loss"])
         assert losses["loss"] == pytest.approx(losses["mlm_loss"] + losses["nsp_loss"], abs=1e-6)
+        assert "l1_penalty" not in losses
     assert record["steps"] == 2  # the slim engine counts its own steps
     assert any(not torch.equal(record["drawn"][k], record["saved"][k]) for k in record["saved"])
 
