@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_at_least(1),
         default=None,
         metavar="N",
-        help=f"training shards (default: one per ~{65536:,} samples); validation is always sized that way",
+        help=f"training shards (default: one per ~{65536:,} samples, up to 4 of at least {16384:,} for a small "
+        "corpus); validation is always sized that way",
     )
     p.add_argument(
         "--validation-fraction",

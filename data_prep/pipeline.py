@@ -62,6 +62,11 @@ MANIFEST_VERSION = 1
 BATCH_CHARS = 2_000_000
 # Shards per split when --num-shards is not given: about this many samples each.
 SAMPLES_PER_SHARD = 65536
+# A small corpus still gets up to MIN_SHARDS shards of at least MIN_SHARD_SAMPLES samples: writing a
+# shard is one process's work (compressing 45k samples takes about 0.5 CPU-seconds), so with one big
+# shard every other worker would wait. Counts depend on the data only, never on --workers.
+MIN_SHARDS = 4
+MIN_SHARD_SAMPLES = 16384
 SPILL_DIR = ".pld-prep-work"
 _PROGRESS_SECONDS = 10.0
 
@@ -232,6 +237,7 @@ def _request_key(cfg: PrepConfig, sources: list[Source], vocab: Vocab | None) ->
             "manifest_version": MANIFEST_VERSION,
             "batch_chars": BATCH_CHARS,
             "samples_per_shard": SAMPLES_PER_SHARD,
+            "min_shards": [MIN_SHARDS, MIN_SHARD_SAMPLES],
             "settings": settings,
             "files": files,
             "vocab_sha256": vocab.sha256 if vocab is not None else None,
@@ -480,8 +486,9 @@ def _empty_corpus_message(cfg: PrepConfig, reader: CorpusReader) -> str:
 def _num_shards(split: str, samples: int, requested: int | None) -> int:
     if samples == 0:
         return 0
-    wanted = requested if (split == "train" and requested) else math.ceil(samples / SAMPLES_PER_SHARD)
-    return max(1, min(wanted, samples))
+    if split == "train" and requested:
+        return max(1, min(requested, samples))
+    return max(1, math.ceil(samples / SAMPLES_PER_SHARD), min(MIN_SHARDS, samples // MIN_SHARD_SAMPLES))
 
 
 def _write_shards(

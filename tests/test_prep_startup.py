@@ -62,3 +62,12 @@ def test_bad_vocab_with_workers_started_is_one_line(
                         "--workers", "2")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "bad_vocab.txt" in err and "[MASK]" in err
+
+
+def test_small_corpora_get_several_shards_independent_of_workers() -> None:
+    # One shard is one process's work: a 4 MB corpus (about 45k samples) in a single shard would
+    # leave every other worker idle while it is compressed.
+    assert [pipeline._num_shards("train", n, None) for n in (0, 10, 16383, 45_028, 139_000)] == [0, 1, 1, 2, 4]
+    assert pipeline._num_shards("train", 300_000, None) == 5  # one per ~65k samples from there on
+    assert pipeline._num_shards("train", 45_028, 1) == 1  # --num-shards wins
+    assert pipeline._num_shards("validation", 45_028, 1) == 2
