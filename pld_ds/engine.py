@@ -352,7 +352,7 @@ class PLDEngine:
             self.backward(out.loss)
             self.step()
             done += 1
-            for name in ("loss", "mlm_loss", "nsp_loss"):
+            for name in ("loss", "mlm_loss", "nsp_loss", "l1_penalty"):
                 value = getattr(out, name, None)
                 if value is not None:
                     totals[name] = totals.get(name, 0.0) + value.detach().float() / steps

@@ -108,6 +108,10 @@ class PretrainingOutput:
     nsp_logits: torch.Tensor | None = None
     # Number of layers that ran (all of them outside PLD training).
     layers_run: int = 0
+    # The PLD gates this forward drew, (kept, keep probability) per layer; None: every layer ran unscaled.
+    gates: list[tuple[bool, float]] | None = None
+    # A regulariser that `loss` includes and mlm_loss + nsp_loss do not (EarlyBERT's L1 term), for logging.
+    l1_penalty: torch.Tensor | None = None
 
 
 class Embeddings(nn.Module):
@@ -310,7 +314,7 @@ class BertForPreTraining(nn.Module):
         hidden, layers_run = self.encoder(self.embeddings(input_ids, token_type_ids), attn_mask, gates)
 
         nsp_logits = self.heads.nsp_logits(hidden) if self.config.nsp else None
-        out = PretrainingOutput(nsp_logits=nsp_logits, layers_run=layers_run)
+        out = PretrainingOutput(nsp_logits=nsp_logits, layers_run=layers_run, gates=gates)
         if masked_lm_labels is None:
             out.mlm_logits = self.heads.mlm_logits(hidden)
         else:
