@@ -899,7 +899,7 @@ def test_damaged_config_text_is_parsed_or_named(text: str, scratch: Path) -> Non
 
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(BertConfig)]
-MODEL_VALUES = JSON_SCALARS | st.integers(1, 8) | st.sampled_from([64, 128, 0.1, 1e-12])
+MODEL_VALUES = JSON_SCALARS | st.integers(1, 8) | st.sampled_from([64, 128, 0.1, 1e-12, "pre", "post"])
 
 
 @FAST
@@ -923,6 +923,8 @@ def test_random_model_file_is_a_valid_config_or_named(fields: dict[str, Any], sc
             assert isinstance(value, bool), (field.name, value)
         elif isinstance(default, int):
             assert isinstance(value, int) and not isinstance(value, bool) and value >= 1, (field.name, value)
+        elif isinstance(default, str):  # layer_norm
+            assert value in ("pre", "post"), (field.name, value)
         else:
             assert finite_number(value), (field.name, value)
     assert cfg.hidden_size % cfg.num_heads == 0
@@ -988,7 +990,9 @@ def assert_valid_batch(batch: dict[str, Any]) -> None:
     ids, labels = batch["input_ids"], batch["masked_lm_labels"]
     assert ids.shape == (MICRO, SEQ) and labels.shape == (MICRO, SEQ)
     assert batch["token_type_ids"].shape == batch["attention_mask"].shape == (MICRO, SEQ)
-    assert batch["next_sentence_labels"].shape == (MICRO,)
+    if "next_sentence_labels" in batch:  # absent from MLM-only shards
+        labels_nsp = batch["next_sentence_labels"]
+        assert labels_nsp.shape == (MICRO,) and set(labels_nsp.tolist()) <= {0, 1}
     assert 0 <= ids.min() and ids.max() < VOCAB_SIZE
     targets = labels[labels != schema.IGNORE_INDEX]
     assert targets.numel() == 0 or (0 <= targets.min() and targets.max() < VOCAB_SIZE)
