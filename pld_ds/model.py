@@ -36,6 +36,9 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     activation_checkpointing: bool = False
+    # Run the encoder on the real tokens only, attention through nested (jagged) tensors: the same outputs
+    # at every real position as the padded path, with no compute spent on padding. False: padded SDPA.
+    unpadded: bool = False
     # EarlyBERT (pld_ds.earlybert). A slim model keeps layer_heads[l] heads (of head size
     # hidden_size / num_heads) and layer_intermediate[l] feed-forward neurons in layer l; None: all of them.
     layer_heads: tuple[int, ...] | None = None
@@ -129,6 +132,37 @@ class Embeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
+@dataclass(frozen=True, eq=False)
+class Packing:
+    """Where the real tokens of a padded B x S batch lie. The unpadded path runs the encoder on them alone,
+    one row per token, sequence after sequence, so every linear layer skips the padding too."""
+
+    index: torch.Tensor  # flat positions b * S + s of the real tokens, in order
+    offsets: torch.Tensor  # B + 1 entries: the first packed row of each sequence, then the number of rows
+    max_len: int  # the longest sequence
+    shape: tuple[int, int]  # (B, S)
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> Packing:
+        """attention_mask: B x S, nonzero where a token is real."""
+        real = attention_mask.bool()
+        lengths = real.sum(1)
+        if not bool(lengths.all()):
+            raise ValueError("unpadded attention: a row of attention_mask has no real token "
+                             f"(lengths {lengths.tolist()}); every sequence needs at least one")
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        return cls(real.flatten().nonzero().squeeze(1), offsets, int(lengths.max()), tuple(real.shape))
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """B x S x H -> T x H, the real tokens only."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """T x H -> B x S x H, zeros at the padding."""
+        out = x.new_zeros(self.shape[0] * self.shape[1], x.shape[-1]).index_copy(0, self.index, x)
+        return out.view(*self.shape, x.shape[-1])
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: BertConfig, index: int = 0) -> None:
         super().__init__()
@@ -141,7 +175,9 @@ class SelfAttention(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.head_coef = nn.Parameter(torch.ones(self.num_heads)) if cfg.slimming else None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | Packing | None) -> torch.Tensor:
+        if isinstance(attn_mask, Packing):
+            return self.dropout(self.out(self._unpadded_context(x, attn_mask)))
         batch, seq, _ = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         context = F.scaled_dot_product_attention(
@@ -151,6 +187,20 @@ class SelfAttention(nn.Module):
             context = context * self.head_coef.to(context.dtype)[:, None, None]
         context = context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.dropout(self.out(context))
+
+    def _unpadded_context(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """x: T x H packed tokens; each sequence attends to its own tokens (SDPA on jagged nested tensors:
+        varlen FlashAttention / memory-efficient kernels on a GPU, the math kernel per sequence on a CPU)."""
+        tokens = x.shape[0]
+        qkv = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = (torch.nested.nested_tensor_from_jagged(part.contiguous(), packing.offsets,
+                                                          max_seqlen=packing.max_len).transpose(1, 2)
+                   for part in qkv.unbind(1))
+        context = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)
+        context = context.transpose(1, 2).values()  # T x heads x head_dim
+        if self.head_coef is not None:
+            context = context * self.head_coef.to(context.dtype)[:, None]
+        return context.reshape(tokens, self.num_heads * self.head_dim)
 
 
 class FeedForward(nn.Module):
@@ -181,7 +231,7 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg, index)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep_prob: float = 1.0,
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | Packing | None, keep_prob: float = 1.0,
                 inv_keep_prob: torch.Tensor | None = None) -> torch.Tensor:
         """inv_keep_prob: 1/keep_prob as a 0-dim tensor on x's device, which replaces keep_prob. A compiled
         layer is given that: one graph serves every value of theta, with no guard on it and no host scalar."""
@@ -208,6 +258,7 @@ class Encoder(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.layer_norm == "pre" \
             else nn.Identity()
         self.activation_checkpointing = cfg.activation_checkpointing
+        self.unpadded = cfg.unpadded
         self.compiled = False  # set by BertForPreTraining.compile_layers
 
     def forward(
@@ -220,16 +271,22 @@ class Encoder(nn.Module):
             # Compiled layers take 1/p as a device tensor: one small copy per forward, and one graph for PLD
             # training whatever theta is.
             inv = list(torch.tensor([1.0 / p for _, p in gates]).to(x.device, non_blocking=True).unbind())
+        packing = None
+        if self.unpadded and attn_mask is not None:
+            packing = Packing.from_mask(attn_mask[:, 0, 0, :])
+            x, attn_mask = packing.pack(x), packing
         layers_run = 0
         for layer, (kept, keep_prob), inv_p in zip(self.layers, gates, inv, strict=True):
             if not kept:
                 continue  # identity: no kernel runs, no gradient reaches this layer
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, attn_mask, keep_prob, inv_p, use_reentrant=False)
+                # The non-reentrant checkpoint cannot save the nested tensors of the unpadded attention
+                x = checkpoint(layer, x, attn_mask, keep_prob, inv_p, use_reentrant=packing is not None)
             else:
                 x = layer(x, attn_mask, keep_prob, inv_p)
             layers_run += 1
-        return self.final_norm(x), layers_run
+        x = self.final_norm(x)
+        return (x if packing is None else packing.unpack(x)), layers_run
 
 
 class PretrainingHeads(nn.Module):

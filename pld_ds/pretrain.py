@@ -38,6 +38,13 @@ TICKET_FILE = "ticket.json"  # the slim model's BertConfig, once EarlyBERT drew 
 EARLYBERT_FILE = "earlybert.json"  # the search's outcome: steps, emergence, what was kept
 
 
+def length_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected lengths like 64,96,128, got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(prog="pld-pretrain", description=__doc__.split("\n")[0])
     p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, metavar="FILE",
@@ -66,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="worker processes that prepare training batches (0: a background thread)")
     p.add_argument("--bin-by-length", action="store_true",
                    help="batch samples of similar length and cut each batch to its longest (less compute on padding)")
+    p.add_argument("--length-buckets", type=length_list, metavar="L1,L2,...",
+                   help="implies --bin-by-length: cut each batch to the smallest of these lengths that holds it (the "
+                        "shards' length is always one), so compiled graphs see few shapes (default: multiples of 8)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each kept layer in backward")
     p.add_argument("--compile", nargs="?", const="inductor", type=compile_backend, metavar="BACKEND",
                    help="torch.compile each encoder layer with BACKEND (default inductor); dropped layers are "
@@ -348,8 +358,9 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard_args = dict(micro_batch=engine.micro_batch_size, vocab_size=vocab_size, rank=rank, world_size=world,
                       masking=masking, skip_bad_shards=args.skip_bad_shards, nsp=data_nsp)
-    train = ShardBatches(train_paths, seed=args.seed, workers=args.data_workers, bin_by_length=args.bin_by_length,
-                         **shard_args)
+    train = ShardBatches(train_paths, seed=args.seed, workers=args.data_workers,
+                         bin_by_length=args.bin_by_length or args.length_buckets is not None,
+                         length_buckets=args.length_buckets, **shard_args)
     warn_skipped(rank, train, len(train_paths))
     valid = ShardBatches(eval_paths, seq_len=train.seq_len, **shard_args) if eval_paths else None
     if valid is not None:

@@ -876,6 +876,33 @@ def test_binned_batches_hold_similar_lengths(tmp_path):
     assert max(spread) <= 4  # 256 samples over ~16 lengths: a batch of 16 spans at most a few
 
 
+def test_length_buckets_bound_the_batch_shapes(tmp_path):
+    """With buckets, a binned batch is cut to the smallest bucket that holds its longest sample: a whole
+    epoch shows only the bucket lengths (and the full length), never more shapes than len(batch_lengths)."""
+    path = write_shard(tmp_path / "s.hdf5", make_samples(256, SEQ, 5, np.random.default_rng(4)))
+    default = ShardBatches([path], micro_batch=8, vocab_size=VOCAB_SIZE, seed=2, bin_by_length=True)
+    assert default.batch_lengths == (8, 16, 24, 32)
+    loader = ShardBatches([path], micro_batch=8, vocab_size=VOCAB_SIZE, seed=2, bin_by_length=True,
+                          length_buckets=[26, 18, 22])
+    assert loader.batch_lengths == (18, 22, 26, 32)
+    epoch = take(loader, loader.batches_per_epoch)
+    widths = [b["input_ids"].shape[1] for b in epoch]
+    for batch, width in zip(epoch, widths, strict=True):
+        longest = int(real_lengths(batch).max())
+        assert width == min(b for b in loader.batch_lengths if b >= longest)
+        assert all(v.shape[1] == width for k, v in batch.items() if v.dim() == 2)
+    assert set(widths) <= set(loader.batch_lengths) and len(set(widths)) >= 3  # lengths 16..32: buckets all used
+    default_widths = {b["input_ids"].shape[1] for b in take(default, default.batches_per_epoch)}
+    assert default_widths <= {16, 24, 32} and not default_widths & {18, 22, 26}
+
+
+@pytest.mark.parametrize("buckets", [[0, 16], [16, 33], [], [16.5]])
+def test_bad_length_buckets_are_one_line_errors(tmp_path, buckets):
+    path = write_shard(tmp_path / "s.hdf5", make_samples(16, SEQ, 5, np.random.default_rng(4)))
+    with pytest.raises(ShardError, match=r"length buckets: expected lengths from 1 to the shards' sequence length 32"):
+        ShardBatches([path], micro_batch=8, vocab_size=VOCAB_SIZE, bin_by_length=True, length_buckets=buckets)
+
+
 @pytest.mark.parametrize("k", [0, 9, 23, 30])
 def test_binned_resume_equals_uninterrupted(paths, k):
     total = 40

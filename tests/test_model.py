@@ -263,6 +263,112 @@ def test_compiled_layers_train_like_eager_layers_with_one_graph_for_every_theta(
     assert not counters["recompiles"]
 
 
+def test_compiled_layers_never_break_the_graph_or_recompile_across_gate_patterns_and_modes(batch):
+    """Every gate pattern (each layer alone, all but one, every layer, none), theta from 1 to 0.1, training
+    without PLD and evaluation: dynamo captures each layer whole (no graph break) and the layers share at
+    most three graphs (PLD training, training without PLD, evaluation); the counts stop growing after the
+    first pass over the patterns."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(seed=5).compile_layers(backend="eager")
+    layers = model.config.num_layers
+    patterns = [[i == j for j in range(layers)] for i in range(layers)]
+    patterns += [[i != j for j in range(layers)] for i in range(layers)] + [[True] * layers, [False] * layers]
+    wanted = {tuple(p) for p in patterns}
+    seen, graphs = set(), []
+    for rounds in range(2):
+        for theta_now in (1.0, 0.9, 0.7, 0.5, 0.3, 0.1):
+            for step in range(200):
+                gates = pld.sample_gates(layers, theta_now, pld.gate_generator(0, step, 0))
+                pattern = tuple(kept for kept, _ in gates)
+                if pattern in seen and rounds == 0 or (rounds == 1 and step > 3):
+                    continue
+                seen.add(pattern)
+                model.train()
+                out = model(**batch, progressive_layer_drop=True, pld_theta=theta_now,
+                            pld_generator=pld.gate_generator(0, step, 0))
+                out.loss.backward()
+        model.train()
+        model(**batch).loss.backward()  # training without PLD
+        model.eval()
+        with torch.no_grad():
+            model(**batch)
+        graphs.append((counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())))
+    assert len(seen & wanted) >= 2 * layers, "the gates drawn should cover most single-layer and all-but-one patterns"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs[0][0] <= 3 and graphs[1] == graphs[0]
+
+
+# -- the unpadded path ----------------------------------------------------------------------------
+
+
+def padded_and_unpadded(seed=4, **overrides):
+    padded = tiny_model(seed=seed, **overrides)
+    unpadded = tiny_model(seed=seed, unpadded=True, **overrides)
+    unpadded.load_state_dict(padded.state_dict())
+    if overrides.get("slimming"):
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for a, b in zip(padded.parameters(), unpadded.parameters(), strict=True):
+                if a.dim() == 1 and a.shape[0] in (2, 128) and torch.equal(a, torch.ones_like(a)):
+                    a.copy_(torch.rand(a.shape, generator=g) + 0.5)
+                    b.copy_(a)
+    return padded, unpadded
+
+
+@pytest.mark.parametrize("case", ["plain", "pld", "slimming", "checkpointing"])
+def test_unpadded_path_equals_the_padded_one_in_outputs_and_gradients(case):
+    """The encoder on the real tokens alone (nested-tensor SDPA) gives the padded path's MLM and NSP
+    outputs, losses and the gradient of every weight, with padding in most rows, under PLD gates that drop
+    layers, with EarlyBERT's head coefficients and with activation checkpointing."""
+    overrides = {"slimming": {"slimming": True}, "checkpointing": {"activation_checkpointing": True}}.get(case, {})
+    padded, unpadded = padded_and_unpadded(**overrides)
+    batch = synthetic_batch(batch=6, seq_len=24, seed=2)
+    lengths = batch["attention_mask"].sum(1)
+    assert (lengths < 24).sum() >= 3 and len(set(lengths.tolist())) >= 3
+    kwargs = {}
+    if case == "pld":
+        step, _ = find_gates(4, 0.4, lambda g: 1 <= sum(k for k, _ in g) <= 3)
+        kwargs = dict(progressive_layer_drop=True, pld_theta=0.4, pld_generator=pld.gate_generator(0, step, 0))
+    outs = []
+    for model in (padded, unpadded):
+        model.train().zero_grad(set_to_none=True)
+        if kwargs:
+            kwargs["pld_generator"] = pld.gate_generator(0, step, 0)
+        out = model(**batch, **kwargs)
+        out.loss.backward()
+        outs.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (a, grads_a), (b, grads_b) = outs
+    assert a.layers_run == b.layers_run and (case != "pld" or a.layers_run < 4)
+    for name in ("loss", "mlm_loss", "nsp_loss", "mlm_logits", "nsp_logits"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-5, atol=2e-6, msg=name)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=2e-6, msg=name)
+
+
+def test_unpadded_hidden_states_equal_at_real_positions_and_are_zero_at_padding():
+    padded, unpadded = padded_and_unpadded()
+    batch = synthetic_batch(batch=5, seq_len=20, seed=3)
+    real = batch["attention_mask"].bool()
+    hidden = []
+    for model in (padded.eval(), unpadded.eval()):
+        x = model.embeddings(batch["input_ids"], batch["token_type_ids"])
+        hidden.append(model.encoder(x, real[:, None, None, :])[0])
+    torch.testing.assert_close(hidden[1][real], hidden[0][real], rtol=1e-5, atol=2e-6)
+    assert not hidden[1][~real].any() and hidden[0][~real].abs().sum() > 0
+
+
+def test_unpadded_path_names_a_row_without_real_tokens():
+    _, unpadded = padded_and_unpadded()
+    batch = synthetic_batch(batch=3, seq_len=8)
+    batch["attention_mask"][1] = 0
+    with pytest.raises(ValueError, match="no real token"):
+        unpadded(**batch)
+
+
 # -- heads and losses -----------------------------------------------------------------------------
 
 

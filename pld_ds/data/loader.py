@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +198,17 @@ class _Prefetch:
         self._thread.join()
 
 
+def _batch_lengths(buckets: Sequence[int] | None, seq_len: int, where: Path) -> tuple[int, ...]:
+    """The lengths a binned batch may be cut to, ascending, ending with seq_len."""
+    if buckets is None:
+        return (*range(8, seq_len, 8), seq_len)
+    bad = [b for b in buckets if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= seq_len]
+    if bad or not buckets:
+        raise shards.ShardError(f"{where.parent}: length buckets: expected lengths from 1 to the shards' sequence "
+                                f"length {seq_len}, got {list(buckets)!r}")
+    return tuple(sorted({int(b) for b in buckets} | {seq_len}))
+
+
 class ShardBatches:
     def __init__(
         self,
@@ -215,6 +226,7 @@ class ShardBatches:
         skip_bad_shards: bool = False,
         workers: int = 0,
         bin_by_length: bool = False,
+        length_buckets: Sequence[int] | None = None,
     ) -> None:
         """``prefetch``: batches prepared ahead on a background thread (0: none), or per worker.
         ``workers``: worker processes (torch DataLoader workers) that build every workers-th batch each,
@@ -222,6 +234,9 @@ class ShardBatches:
         shards that fail inspection (listed in ``skipped``) instead of raising the first error.
         ``bin_by_length``: global batches of samples of similar length, each cut to its longest sample
         (rounded up to a multiple of 8), so little compute goes to padding; shapes then vary by batch.
+        ``length_buckets``: with ``bin_by_length``, the lengths a batch may be cut to (each batch takes the
+        smallest that holds its longest sample; the shards' sequence length is always one), so compiled
+        graphs and CUDA graphs see at most len(batch_lengths) shapes; None: every multiple of 8.
         ``nsp``: whether the shards must carry next_sentence_labels (default: as the first shard); batches
         of MLM-only shards have no next_sentence_labels."""
         infos, self.skipped = shards.inspect_paths(paths, skip_bad_shards)
@@ -236,6 +251,7 @@ class ShardBatches:
         self.vocab_size = vocab_size
         self.micro_batch, self.rank, self.world_size, self.seed = micro_batch, rank, world_size, seed
         self.prefetch, self.workers, self.bin_by_length = prefetch, workers, bin_by_length
+        self.batch_lengths = _batch_lengths(length_buckets, self.seq_len, self.infos[0].path)
         counts = np.array([info.num_samples for info in self.infos])
         self.global_batch = micro_batch * world_size
         self.batches_per_epoch = int(counts.sum()) // self.global_batch
@@ -306,9 +322,10 @@ class ShardBatches:
             rows, slots = np.nonzero(positions > 0)
             labels[rows, positions[rows, slots]] = ids[rows, slots]
         mask, segments = cat[schema.INPUT_MASK.name], cat[schema.SEGMENT_IDS.name]
-        if self.bin_by_length:  # drop the columns that are padding in every row (to a multiple of 8)
+        if self.bin_by_length:  # drop the columns that are padding in every row, up to the next bucket
             real = mask.any(0)
-            keep = min(self.seq_len, -(-(len(real) - int(np.argmax(real[::-1]))) // 8) * 8) if real.any() else 8
+            longest = len(real) - int(np.argmax(real[::-1])) if real.any() else 1
+            keep = self.batch_lengths[int(np.searchsorted(self.batch_lengths, longest))]
             input_ids, segments, mask, labels = (a[:, :keep] for a in (input_ids, segments, mask, labels))
         batch = {
             "input_ids": _long(input_ids),
