@@ -3,8 +3,10 @@
     deepspeed --num_gpus 2 --master_port P tests/dist_gates_worker.py --out FILE --zero S [S ...]
 
 For each ZeRO stage: a tiny BertForPreTraining in a PLDEngine, a few optimizer steps on different
-synthetic data per rank, recording which encoder layers ran and the loss at every step, then a
-checksum of the parameters (gathered under ZeRO-3). Rank 0 writes every rank's records
+synthetic data per rank, recording which encoder layers ran and the loss at every step, and after
+every step the loss of this rank's own eval forward on one probe batch that every rank shares; then a
+checksum of the parameters (gathered under ZeRO-3; under ZeRO-0 each rank's own copy, which its own
+optimizer stepped). Rank 0 writes every rank's records
 (all_gather_object) as JSON, and the final weights of each stage beside it (final_zeroS.pt).
 """
 
@@ -52,6 +54,7 @@ def run(stage: int, steps: int, bf16: bool, out_dir: Path) -> dict:
         layer.register_forward_hook(lambda module, args, output, index=index: ran.append(index))
     initial = checksum_of(full_weights(engine.module))
     records = []
+    probe = synthetic_batch(batch=4, seq_len=16, seed=999)  # the same on every rank
     for step in range(steps):
         ran.clear()
         theta_now = engine.get_pld_theta()
@@ -59,8 +62,13 @@ def run(stage: int, steps: int, bf16: bool, out_dir: Path) -> dict:
         losses = engine.train_batch(iter([batch]))
         expected = [i for i, (kept, _) in enumerate(pld.sample_gates(4, theta_now, pld.gate_generator(SEED, step, 0)))
                     if kept]
-        records.append({"step": step, "global_steps": engine.global_steps, "theta": theta_now, "layers": list(ran),
-                        "expected_layers": expected, "loss": losses["loss"].item()})
+        layers = list(ran)  # before the probe, which runs every layer
+        engine.eval()
+        with torch.no_grad():
+            probe_loss = engine(**{k: v.to(engine.device) for k, v in probe.items()}).loss.item()
+        engine.train()
+        records.append({"step": step, "global_steps": engine.global_steps, "theta": theta_now, "layers": layers,
+                        "expected_layers": expected, "loss": losses["loss"].item(), "probe_loss": probe_loss})
     final = full_weights(engine.module)
     if rank == 0:
         torch.save(final, out_dir / f"final_zero{stage}.pt")
