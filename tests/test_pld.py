@@ -109,14 +109,68 @@ def test_gate_seed_distinct_over_many_inputs():
     assert len(seeds) == 3 * 2000 * 3
 
 
-def test_same_inputs_same_gates_on_two_ranks():
-    for step in (0, 1, 17, 10_000):
-        for micro in (0, 1, 3):
-            rank0 = pld.gate_generator(42, step, micro)
-            rank1 = pld.gate_generator(42, step, micro)
-            assert torch.equal(torch.rand(64, generator=rank0), torch.rand(64, generator=rank1))
-            assert pld.sample_gates(12, 0.5, pld.gate_generator(42, step, micro)) == \
-                pld.sample_gates(12, 0.5, pld.gate_generator(42, step, micro))
+# Run as each of two ranks of a gloo process group: seeds its global RNGs differently (as ranks are, by data
+# order and dropout), draws gates for many (step, micro-batch) pairs and runs a tiny model with them, recording
+# which layers ran; rank 0 writes every rank's draws (all_gather_object) as JSON to argv[1].
+RANK_SCRIPT = """
+import json, random, sys
+import torch, torch.distributed as dist
+from pld_helpers import synthetic_batch, tiny_model
+from pld_ds import pld
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(1000 + rank)
+random.seed(rank)
+model = tiny_model(num_layers=8).train()
+ran = []
+for i, layer in enumerate(model.encoder.layers):
+    layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+batch = synthetic_batch(batch=2, seq_len=8, seed=rank)  # different data per rank
+draws = {}
+for step in (0, 1, 17, 10_000):
+    for micro in (0, 1, 3):
+        ran.clear()
+        model(**batch, progressive_layer_drop=True, pld_theta=0.5, pld_generator=pld.gate_generator(42, step, micro))
+        gates = pld.sample_gates(12, 0.5, pld.gate_generator(42, step, micro))
+        draws[f"{step}/{micro}"] = {"gates": [kept for kept, _ in gates], "layers_run": list(ran),
+                                    "hash": hash("pld")}
+gathered = [None, None]
+dist.all_gather_object(gathered, {"rank": rank, "draws": draws})
+if rank == 0:
+    open(sys.argv[1], "w").write(json.dumps(gathered))
+dist.destroy_process_group()
+"""
+
+
+def test_same_gates_on_two_real_ranks(tmp_path):
+    """Two processes of one process group, with different global RNG states, data and Python hash seeds, draw
+    the same gates and run the same layers for every (seed, step, micro-batch): no communication needed."""
+    import json
+    import subprocess
+    import sys
+
+    from pld_helpers import REPO, child_env, free_port
+
+    out = tmp_path / "draws.json"
+    env = {**child_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "PYTHONPATH": str(REPO / "tests")}
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(out)], cwd=REPO,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "PYTHONHASHSEED": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], logs
+    rank0, rank1 = sorted(json.loads(out.read_text()), key=lambda r: r["rank"])
+    assert rank0["rank"] == 0 and rank1["rank"] == 1
+    assert rank0["draws"].keys() == rank1["draws"].keys()
+    for key, mine in rank0["draws"].items():
+        theirs = rank1["draws"][key]
+        assert mine["gates"] == theirs["gates"], key
+        assert mine["layers_run"] == theirs["layers_run"], key
+    # the processes really differed in what a seed taken from process state would give
+    assert rank0["draws"]["0/0"]["hash"] != rank1["draws"]["0/0"]["hash"]
+    # and the draws vary with (step, micro-batch): layers were dropped, not the same ones each time
+    patterns = {tuple(d["layers_run"]) for d in rank0["draws"].values()}
+    assert len(patterns) > 3 and min(len(p) for p in patterns) < 8
 
 
 def test_different_step_or_micro_gives_different_draws():
