@@ -114,13 +114,17 @@ def time_steps(step_fn, warmup: int, steps: int, repeats: int) -> float:
 def bench_pld_ds(
     cfg: BertConfig, args: argparse.Namespace, theta: float | None, zero_stage: int
 ) -> tuple[float, float | None]:
+    from pld_ds import startup
+
+    startup.quiet_deepspeed()  # before deepspeed is imported: its accelerator line on every run
     from pld_ds.engine import PLDEngine
 
     torch.manual_seed(0)
     model = BertForPreTraining(cfg)
     if args.compile:
         model.compile_layers(backend=args.compile)
-    engine = PLDEngine(model, ds_config(args.micro_batch, args.precision, zero_stage, theta, args.optimizer))
+    with startup.without_noise():
+        engine = PLDEngine(model, ds_config(args.micro_batch, args.precision, zero_stage, theta, args.optimizer))
     batch = synthetic_batch(cfg, args.micro_batch, args.seq_len, engine.device)
 
     def step() -> None:
