@@ -100,8 +100,13 @@ def read_json(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
     return data
 
 
-def split_ds_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any], PLDConfig, str]:
-    """(DeepSpeed config without our block, the PLD settings, a name for messages)."""
+def split_ds_config(config: str | Path | dict[str, Any], *, pipeline_engine: bool = False
+                    ) -> tuple[dict[str, Any], PLDConfig, str]:
+    """(DeepSpeed config without our blocks, the PLD settings, a name for messages).
+
+    A `pipeline` block is validated and taken out too (pipeline_config reads it); one with more than one stage
+    is an error unless the caller is the pipeline engine: DeepSpeed would ignore it and train data parallel.
+    """
     if isinstance(config, dict):
         source, ds_config = "DeepSpeed config", dict(config)
     else:
@@ -109,7 +114,109 @@ def split_ds_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any]
     # Only a missing block means "PLD off": "progressive_layer_drop": null is an error like any non-object.
     pld = PLDConfig.from_dict(ds_config.pop(PLD_KEY), source) if PLD_KEY in ds_config else PLDConfig()
     ds_config.pop("earlybert", None)  # ours too: pld_ds.earlybert.EarlyBertConfig.from_ds_config reads it
+    if PIPELINE_KEY in ds_config:
+        pipe = PipelineConfig.from_dict(ds_config.pop(PIPELINE_KEY), source)
+        if pipe.stages > 1 and not pipeline_engine:
+            raise ConfigError(f"{source}: {PIPELINE_KEY}.stages: {pipe.stages} stages need the pipeline engine "
+                              "(pld-pretrain, or pld_ds.pipeline.make_engine); this command trains data parallel "
+                              "only: remove the block or set stages to 1")
     return ds_config, pld, source
+
+
+PIPELINE_KEY = "pipeline"
+PIPELINE_SCHEDULES = ("sync", "ouroboros")
+# DeepSpeed's partition methods "parameters" and "uniform", and ours: "compute" (estimated FLOPs; "best", the
+# default DeepSpeed's config reports, means the same here).
+PIPELINE_PARTITIONS = ("compute", "best", "parameters", "uniform")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The `pipeline` block. DeepSpeed's keys keep their meaning: stages (K; "auto" is 1 here, there is no
+    PipelineModule to ask), partition, activation_checkpoint_interval. Ours: schedule (sync: a flush every
+    optimizer step; ouroboros: delayed gradients, no flush), warmup_steps (ouroboros runs the sync schedule for
+    its first N steps), staleness ("ddg": module k of K is K-k steps stale, Decoupled Parallel Backprop's
+    rule; or an integer d, d steps per stage boundary; 0 is the sync schedule)."""
+
+    stages: int = 1
+    partition: str = "compute"
+    activation_checkpoint_interval: int = 0
+    schedule: str = "sync"
+    warmup_steps: int = 0
+    staleness: int = 0  # steps of delay per stage boundary: stage k (0-based) of K is staleness * (K-1-k) stale
+
+    @classmethod
+    def from_dict(cls, block: Any, source: str = "config") -> PipelineConfig:
+        where = f"{source}: {PIPELINE_KEY}"
+        if not isinstance(block, dict):
+            raise ConfigError(f'{where}: expected an object like {{"stages": 2, "schedule": "sync"}}, '
+                              f"got {type(block).__name__}")
+        problems = []
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in sorted(set(block) - known):
+            problems.append(f"{where}.{key}: unknown key (expected one of: {', '.join(sorted(known))})")
+        stages = block.get("stages", cls.stages)
+        stages = 1 if stages == "auto" else stages
+        if not _is_int(stages) or stages < 1:
+            problems.append(f'{where}.stages: expected a positive integer or "auto", got {_show(stages)}')
+        partition = block.get("partition", cls.partition)
+        if partition not in PIPELINE_PARTITIONS:
+            problems.append(f"{where}.partition: expected one of {', '.join(PIPELINE_PARTITIONS)}, "
+                            f"got {_show(partition)}")
+        interval = block.get("activation_checkpoint_interval", cls.activation_checkpoint_interval)
+        if not _is_int(interval) or interval < 0:
+            problems.append(f"{where}.activation_checkpoint_interval: expected an integer >= 0, got {_show(interval)}")
+        schedule = block.get("schedule", cls.schedule)
+        if schedule not in PIPELINE_SCHEDULES:
+            problems.append(f"{where}.schedule: expected one of {', '.join(PIPELINE_SCHEDULES)}, got {_show(schedule)}")
+        warmup = block.get("warmup_steps", cls.warmup_steps)
+        if not _is_int(warmup) or warmup < 0:
+            problems.append(f"{where}.warmup_steps: expected an integer >= 0, got {_show(warmup)}")
+        staleness = block.get("staleness", "ddg" if schedule == "ouroboros" else 0)
+        staleness = 1 if staleness == "ddg" else staleness
+        if not _is_int(staleness) or staleness < 0:
+            problems.append(f'{where}.staleness: expected "ddg" or an integer >= 0, got {_show(staleness)}')
+        elif schedule == "sync" and staleness:
+            problems.append(f"{where}.staleness: the sync schedule has no stale gradients (got {staleness}); "
+                            'use "schedule": "ouroboros"')
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(stages=stages, partition=partition, activation_checkpoint_interval=interval, schedule=schedule,
+                   warmup_steps=warmup, staleness=staleness)
+
+    def stage_staleness(self, stage: int, step: int) -> int:
+        """Optimizer steps between the forward of a batch and its backward on 0-based `stage` at `step`."""
+        if self.schedule != "ouroboros" or step < self.warmup_steps:
+            return 0
+        return self.staleness * (self.stages - 1 - stage)
+
+    def check_fit(self, world_size: int, num_layers: int, zero_stage: int, source: str = "config") -> None:
+        """What only the launch knows: K divides the world size, K <= layers, and no ZeRO-3."""
+        where = f"{source}: {PIPELINE_KEY}.stages"
+        if world_size % self.stages:
+            raise ConfigError(f"{where}: {self.stages} stages do not divide the world size {world_size} "
+                              f"(expected a divisor of {world_size}: the ranks are stages x data-parallel replicas)")
+        if self.stages > num_layers:
+            raise ConfigError(f"{where}: {self.stages} stages for a model of {num_layers} layers (expected at most "
+                              f"{num_layers}: each stage holds at least one layer)")
+        if zero_stage >= 2:
+            raise ConfigError(f"{source}: zero_optimization.stage: ZeRO stage {zero_stage} with a pipeline is not "
+                              "supported (expected 0 or 1): ZeRO-2 reduces gradients during each backward and ZeRO-3 "
+                              "gathers partitioned weights in every forward, both per data-parallel group of the whole "
+                              "model, while a stage runs its own backward passes at its own times")
+
+
+def pipeline_config(config: str | Path | dict[str, Any]) -> tuple[PipelineConfig, str]:
+    """The `pipeline` block of a DeepSpeed config (defaults when absent: one stage), and a name for messages."""
+    source, ds_config = (("DeepSpeed config", config) if isinstance(config, dict)
+                         else (str(config), read_json(config, "DeepSpeed config")))
+    block = ds_config.get(PIPELINE_KEY)
+    return (PipelineConfig() if block is None and PIPELINE_KEY not in ds_config
+            else PipelineConfig.from_dict(block, source)), source
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 MODEL_PRESETS: dict[str, dict[str, int]] = {
