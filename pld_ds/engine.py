@@ -244,6 +244,10 @@ class PLDEngine:
         self._stale = _StaleGradients.of(e, self.config_source) if self.pld.enabled else None
         self._grad_norm: torch.Tensor | None = None
         self._theta_used: float | None = None  # theta of the last training forward: what the last step used
+        # Gates the model reports having drawn (out.gates): per layer [kept, sum of p_l, draws], since the last
+        # pld_scalars() and over this engine's life.
+        self._gates_window: torch.Tensor | None = None
+        self._gates_total: torch.Tensor | None = None
         self.module.register_forward_pre_hook(self._inject_pld, with_kwargs=True)
 
     # -- PLD ------------------------------------------------------------------------------------
@@ -349,6 +353,7 @@ class PLDEngine:
                                         "stopping; lower the learning rate or resume from an earlier checkpoint")
                 continue
             self._nonfinite_run = 0
+            self._count_gates(getattr(out, "gates", None))
             self.backward(out.loss)
             self.step()
             done += 1
@@ -387,13 +392,38 @@ class PLDEngine:
         the step's end, so get_pld_theta() is already the next step's); theta(0) before the first."""
         return self.get_pld_theta() if self._theta_used is None else self._theta_used
 
+    def _count_gates(self, gates: list[tuple[bool, float]] | None) -> None:
+        if not gates:
+            return
+        drawn = torch.tensor([[float(kept), float(p), 1.0] for kept, p in gates], dtype=torch.float64)
+        for name in ("_gates_window", "_gates_total"):
+            counts = getattr(self, name)
+            setattr(self, name, drawn if counts is None else counts + drawn)
+
     def pld_scalars(self) -> dict[str, float]:
-        """theta and the expected depth of the step just taken, for the row of step global_steps."""
+        """theta and the expected depth of the step just taken, for the row of step global_steps; and, when the
+        model reports its gates, per layer k (1-based) the share of micro-batches that kept it since the last
+        call (train/keep_rate/layer_k) beside the mean keep probability p_l they were drawn with
+        (train/keep_prob/layer_k)."""
         theta_used = self.theta_used()
         scalars = {"train/pld_theta": theta_used}
         if self.num_layers is not None:
             scalars["train/expected_depth"] = pld.expected_depth(self.num_layers, theta_used)
+        if self._gates_window is not None:
+            for k, (kept, p_sum, draws) in enumerate(self._gates_window.tolist(), start=1):
+                scalars[f"train/keep_rate/layer_{k}"] = kept / draws
+                scalars[f"train/keep_prob/layer_{k}"] = p_sum / draws
+            self._gates_window = None
         return scalars
+
+    def keep_summary(self) -> list[str]:
+        """The gates drawn over this engine's life: per layer, how often it was kept against the mean p_l."""
+        if self._gates_total is None:
+            return []
+        rows = self._gates_total.tolist()
+        lines = [f"PLD gates drawn over {int(rows[0][2])} micro-batches (layer: kept share / mean p_l):"]
+        lines.append("  " + "  ".join(f"{k}: {kept / n:.3f}/{p / n:.3f}" for k, (kept, p, n) in enumerate(rows, 1)))
+        return lines
 
     def write_scalars(self, scalars: dict[str, float], step: int | None = None) -> None:
         """To every monitor enabled in the config (tensorboard, csv_monitor, wandb, comet); rank 0 only."""
