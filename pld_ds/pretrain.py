@@ -305,6 +305,7 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
     startup.check_precision(ds_config, source, on_cpu)
     for warning in startup.schedule_warnings(ds_config, source, args.max_steps):
         startup.warn("pld-pretrain", warning)
+    startup.check_output(Path(args.output))
     eb = earlybert.EarlyBertConfig.from_ds_config(args.deepspeed_config)
     train_paths, eval_paths = data_folders(args.data, args.eval_data)
     if args.eval_interval and not eval_paths:

@@ -182,3 +182,14 @@ class FreshOutputs:
         if not self.existed:
             with contextlib.suppress(OSError):
                 self.output.rmdir()  # only if nothing else is in it
+
+
+def check_output(output: Path, flag: str = "--output") -> None:
+    """The output folder can be made and written: checked before start-up, not when the monitors or the first
+    checkpoint need it."""
+    existing = next(p for p in (output, *output.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        where = "exists" if existing == output else f"cannot be made: {existing} is a file"
+        raise ConfigError(f"{flag} {output}: {where} (expected a folder for checkpoints and logs)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {output}: {existing} is not writable (expected a folder for checkpoints and logs)")

@@ -689,6 +689,21 @@ def test_schedule_warnings_are_printed_at_start(tmp_path: Path, data: Path, caps
     assert "checking 2 training shards" in out and "starting DeepSpeed" in out  # what start-up is doing
 
 
+def test_output_that_cannot_be_a_folder_fails_before_deepspeed_starts(tmp_path: Path, data: Path, capsys: Capsys,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the engine was built")
+
+    monkeypatch.setattr(DataOnlyEngine, "__init__", never)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    args = pretrain_args(tmp_path)
+    for output, fragment in ((blocker, f"--output {blocker}: exists"),
+                             (blocker / "run", f"--output {blocker / 'run'}: cannot be made: {blocker} is a file")):
+        args[args.index("--output") + 1] = str(output)
+        assert_names(pretrain_error(capsys, args), fragment, "expected a folder")
+
+
 def test_eval_interval_without_validation_shards_warns(tmp_path: Path, data: Path, capsys: Capsys,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(DataOnlyEngine, "train_batch", stop_at_first_step)
