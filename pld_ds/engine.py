@@ -173,6 +173,18 @@ def _refuse_unsupported(ds_config: dict[str, Any], pld_config: PLDConfig, source
         raise ConfigError(f"{source}: zero_optimization.offload_optimizer.device: nvme with progressive_layer_drop "
                           "would step dropped layers with stale gradients (their NVMe gradient copies cannot be "
                           "cleared); use device cpu or none")
+    gas = ds_config.get("gradient_accumulation_steps", 1)
+    if (pld_config.enabled and isinstance(zero, dict) and zero.get("stage") == 1 and zero.get("overlap_comm") is True
+            and isinstance(gas, int) and gas > 1):
+        raise ConfigError(_ZERO1_OVERLAP.format(source=source))
+
+
+# DeepSpeed 0.19.8's ZeRO-1 with overlap_comm reduces, at the end of a window, only the gradients its last
+# backward reached: a layer that ran in an earlier micro-batch but not the last keeps its local, un-reduced
+# gradient (measured on two ranks: weights 5e-4 from ZeRO-0's after three steps). ZeRO-1's default is off.
+_ZERO1_OVERLAP = ("{source}: zero_optimization.overlap_comm: true with ZeRO stage 1, gradient accumulation and "
+                  "progressive_layer_drop loses the gradient of a layer that ran in an earlier micro-batch of a window "
+                  "but not in the last; set overlap_comm to false (ZeRO-1's default) or use ZeRO stage 2")
 
 
 class NonFiniteLoss(UserError):
@@ -219,6 +231,10 @@ class PLDEngine:
             raise ConfigError(f"{self.config_source}: DeepSpeed rejected the config: "
                               f"{' '.join(first[:3]) if first else type(err).__name__}") from err
         self.module = self.engine.module
+        ds = self.engine
+        if (self.pld.enabled and ds.zero_optimization_stage() == 1 and ds.zero_overlap_comm()
+                and ds.gradient_accumulation_steps() > 1):  # accumulation derived from train_batch_size
+            raise ConfigError(_ZERO1_OVERLAP.format(source=self.config_source))
         _wandb_on_own_axes(self.engine.monitor)
         checkpoint.use_safe_loads(self.engine)
         self._passes_generator = "pld_generator" in inspect.signature(self.module.forward).parameters

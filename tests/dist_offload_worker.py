@@ -58,11 +58,11 @@ def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name: p.detach().float().cpu().clone() for name, p in module.named_parameters()}
 
 
-def run(stage: int, offload: str, gas: int, precision: str) -> dict:
+def run(stage: int, offload: str, gas: int, precision: str, zero_options: dict) -> dict:
     config = load_ds_config("tiny_cpu_pld.json")
     for key in ("scheduler", "optimizer", "tensorboard", "csv_monitor"):
         config.pop(key, None)
-    zero: dict = {"stage": stage}
+    zero: dict = {"stage": stage, **zero_options}
     if offload in ("opt", "opt+param"):
         zero["offload_optimizer"] = {"device": "cpu"}
     if offload == "opt+param":
@@ -95,16 +95,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--cases", nargs="+", required=True,
-                        help="STAGE:OFFLOAD:GAS:PRECISION, OFFLOAD none, opt or opt+param, PRECISION fp32, bf16 or "
-                             "autocast; e.g. 3:opt:2:fp32")
+                        help="STAGE:OFFLOAD:GAS:PRECISION[:OPTION=0|1 ...], OFFLOAD none, opt or opt+param, "
+                             "PRECISION fp32, bf16 or autocast, OPTION a boolean zero_optimization key; "
+                             "e.g. 3:opt:2:fp32 or 2:none:2:fp32:overlap_comm=1")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1)  # passed by the launcher
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     summary = []
     for case in args.cases:
-        stage, offload, gas, precision = case.split(":")
-        result = run(int(stage), offload, int(gas), precision)
+        stage, offload, gas, precision, *options = case.split(":")
+        result = run(int(stage), offload, int(gas), precision, {name: value == "1" for name, value in
+                                                                 (option.split("=") for option in options)})
         if dist.get_rank() == 0:
             torch.save(result["weights"], out.parent / f"{case.replace(':', '_')}.pt")
         summary.append({"case": case, "norms": result["norms"], "world": dist.get_world_size()})

@@ -175,12 +175,15 @@ def test_pld_scalars_are_what_the_step_ran_with(tmp_path):
     """theta moves at the end of a step: the scalars of step s are theta(s - 1), what its forwards used, while
     get_pld_theta() is already the next step's theta(s)."""
     engine = make_engine(tmp_path, config=ds_config(gas=2))
-    assert engine.pld_scalars() == {"train/pld_theta": 1.0, "train/expected_depth": 4.0}
+    def theta_and_depth() -> dict:  # pld_scalars also holds per-layer keep rates
+        return {k: v for k, v in engine.pld_scalars().items() if k in ("train/pld_theta", "train/expected_depth")}
+
+    assert theta_and_depth() == {"train/pld_theta": 1.0, "train/expected_depth": 4.0}
     for step in range(1, 4):
         engine.train_batch(iter(batches(2, start=2 * step)))
         used = pld.theta(step - 1, 0.5, 0.01)
         assert engine.module.calls[-1]["pld_theta"] == engine.module.calls[-2]["pld_theta"] == used
-        assert engine.pld_scalars() == {"train/pld_theta": used, "train/expected_depth": pld.expected_depth(4, used)}
+        assert theta_and_depth() == {"train/pld_theta": used, "train/expected_depth": pld.expected_depth(4, used)}
         assert engine.get_pld_theta() == pld.theta(step, 0.5, 0.01) < used
     assert engine.expected_depth() == pytest.approx(4 - (1 - pld.theta(3, 0.5, 0.01)) * 5 / 2)
     # an evaluation in between runs every layer at theta 1 and changes nothing of this
@@ -256,7 +259,7 @@ def test_checkpoint_resume_is_exact(tmp_path):
     torch.manual_seed(1234)  # the RNG must come from the checkpoint, not from here
     client = second.load_checkpoint(tmp_path / "ckpt")
     assert client["note"] == "hello"
-    assert client["pld"] == {"enabled": True, "theta_bar": 0.3, "gamma": 0.5, "step": 3,
+    assert client["pld"] == {"enabled": True, "theta_bar": 0.3, "gamma": 0.5, "step": 3, "step_offset": 0,
                              "theta": pld.theta(3, 0.3, 0.5)}
     assert client["seed"] == 11
     set_rng_state(client["rng"])
@@ -401,14 +404,17 @@ def test_engine_step_equals_a_plain_torch_loop(tmp_path, precision):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("managed_gradient_accumulation", False, "managed_gradient_accumulation"),
-    ("zero_optimization", {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}},
+@pytest.mark.parametrize("extra, match", [
+    ({"managed_gradient_accumulation": False}, "managed_gradient_accumulation"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}},
      r"zero_optimization\.offload_optimizer\.device: nvme"),
-])
-def test_configs_that_would_train_wrong_are_refused_before_deepspeed_starts(tmp_path, monkeypatch, key, value, match):
+    ({"zero_optimization": {"stage": 1, "overlap_comm": True}, "gradient_accumulation_steps": 2},
+     r"zero_optimization\.overlap_comm: true with ZeRO stage 1"),
+], ids=["unmanaged-accumulation", "nvme-offload", "zero1-overlap-comm"])
+def test_configs_that_would_train_wrong_are_refused_before_deepspeed_starts(tmp_path, monkeypatch, extra, match):
     """managed_gradient_accumulation false made every micro-batch an optimizer step of its own, with clipping and
-    grad_norm gone; NVMe optimizer offload keeps gradients the engine cannot clear for dropped layers."""
+    grad_norm gone; NVMe optimizer offload keeps gradients the engine cannot clear for dropped layers; ZeRO-1 with
+    overlap_comm and accumulation never reduces the gradient of a layer its last micro-batch dropped."""
     import deepspeed
 
     def no_start(*args, **kwargs):
@@ -416,10 +422,21 @@ def test_configs_that_would_train_wrong_are_refused_before_deepspeed_starts(tmp_
 
     monkeypatch.setattr(deepspeed, "initialize", no_start)
     path = write_json(tmp_path / "bad.json", ds_config(pld_block={"enabled": True, "theta": 0.5, "gamma": 0.01},
-                                                       **{key: value}))
+                                                       **extra))
     with pytest.raises(ConfigError, match=match) as info:
         PLDEngine(BertForPreTraining(tiny_config()), path, output_dir=tmp_path / "out")
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_zero1_overlap_comm_with_derived_accumulation_is_refused_after_start(tmp_path):
+    """The accumulation DeepSpeed derives from train_batch_size is known only once it started."""
+    config = ds_config(pld_block={"enabled": True, "theta": 0.5, "gamma": 0.01},
+                       zero_optimization={"stage": 1, "overlap_comm": True}, train_batch_size=8)
+    del config["gradient_accumulation_steps"]
+    with pytest.raises(ConfigError, match=r"overlap_comm: true with ZeRO stage 1"):
+        PLDEngine(BertForPreTraining(tiny_config()), config, output_dir=tmp_path / "out")
+    config["progressive_layer_drop"]["enabled"] = False  # without PLD every layer runs in every micro-batch
+    PLDEngine(BertForPreTraining(tiny_config()), config, output_dir=tmp_path / "out2")
 
 
 def test_plain_optimizer_is_clipped_at_every_step_it_takes(tmp_path):
