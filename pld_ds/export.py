@@ -542,6 +542,7 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], cfg: BertConfig, pad_to
     EarlyBERT model is exported zero-padded to it). Returns fp32 weights under BertForPreTraining's names; a tensor
     the export does not hold (the NSP classifier beside the RoBERTa layout, a pooler whose file is missing) is left
     out. Raises KeyError(name) for an exported tensor that is missing and ValueError for one of another shape.
+    The element numbers cost two int32 copies of the model while this runs (int64 past 2**31 parameters).
     """
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in BertForPreTraining(cfg).state_dict().items()}

@@ -204,3 +204,24 @@ def test_exported_weights_come_back_whole(tmp_path, layer_norm, nsp):
     assert set(model.state_dict()) - set(back.state_dict) == left_out
     for name, tensor in back.state_dict.items():
         assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_continuing_theta_needs_a_recorded_step_and_flags_are_checked(tmp_path):
+    from pld_ds.export import Vocab, export_weights
+
+    model = BertForPreTraining(tiny_config())
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]
+    (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    out = export_weights(dict(model.state_dict()), model.config, Vocab(tmp_path / "vocab.txt", tokens, True),
+                         tmp_path / "hf")  # no provenance: no step recorded
+    common = ["--deepspeed_config", str(CONFIG), "--data", "d", "--output", "o", "--init-from", str(out)]
+    with pytest.raises(UserError, match="records no training step to continue theta's curve from; pass "
+                                        "--init-pld-step restart"):
+        pretrain.init_weights(BertForPreTraining(tiny_config()), pretrain.parse_args(common), seq_len=64)
+    fresh = BertForPreTraining(tiny_config())
+    assert pretrain.init_weights(fresh, pretrain.parse_args([*common, "--init-pld-step", "restart"]), 64) == 0
+    assert torch.equal(fresh.embeddings.word.weight, model.embeddings.word.weight)
+    for bad in (["--init-pld-step", "later"], ["--masked-lm-prob", "0"], ["--masked-lm-prob", "1.5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            pretrain.parse_args([*common, *bad])
+        assert exit_info.value.code == 2
