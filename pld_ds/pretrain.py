@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
 def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, float]:
     # Every input is checked before the model is built, so a typo costs a second, not a start-up.
-    ds_config, _, source = split_ds_config(args.deepspeed_config)
+    ds_config, _, source = split_ds_config(args.deepspeed_config, pipeline_engine=True)
     on_cpu = startup.runs_on_cpu()
     startup.check_precision(ds_config, source, on_cpu)
     for warning in startup.schedule_warnings(ds_config, source, args.max_steps):
@@ -331,7 +331,7 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
     checkpoints = output / "checkpoints"
     target = resume_target(args.resume, checkpoints)
     startup.quiet_deepspeed()
-    from pld_ds.engine import PLDEngine  # imports deepspeed (seconds): after the input checks
+    from pld_ds.pipeline import make_engine  # imports deepspeed (seconds): after the input checks
 
     # EarlyBERT: search (slimming coefficients, no checkpoints), then the slim model from step `offset` on.
     # A resumed run whose ticket was drawn continues the slim model.
@@ -351,13 +351,16 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
     search = earlybert.TicketSearch(model, eb) if eb.enabled and not slim_resume else None
     startup.say("pld-pretrain", f"starting DeepSpeed{' on its CPU accelerator (no GPU found)' if on_cpu else ''}; "
                 "its first start on a machine compiles its ops, which can take minutes")
+    for stale, note in startup.build_lock_notes():
+        (startup.warn if stale else startup.say)("pld-pretrain", note)
     started = time.perf_counter()
     with startup.without_noise():
-        engine = PLDEngine(model, args.deepspeed_config, seed=args.seed, output_dir=output,
-                           pld_step_offset=pld_step_offset)
+        engine = make_engine(model, args.deepspeed_config, seed=args.seed, output_dir=output,
+                             pld_step_offset=pld_step_offset)
     startup.say("pld-pretrain", f"DeepSpeed started in {time.perf_counter() - started:.0f} s")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    shard_args = dict(micro_batch=engine.micro_batch_size, vocab_size=vocab_size, rank=rank, world_size=world,
+    data_rank, data_world = getattr(engine, "data_parallel", (rank, world))  # a pipeline's stages read alike
+    shard_args = dict(micro_batch=engine.micro_batch_size, vocab_size=vocab_size, rank=data_rank, world_size=data_world,
                       masking=masking, skip_bad_shards=args.skip_bad_shards, nsp=data_nsp)
     train = ShardBatches(train_paths, seed=args.seed, workers=args.data_workers,
                          bin_by_length=args.bin_by_length or args.length_buckets is not None,
@@ -397,7 +400,8 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
             step = offset + engine.global_steps  # one axis for search and slim phases
             meter.count(cfg, batches.drain(), pld.keep_probs(cfg.num_layers, engine.theta_used()))
             if step % args.log_interval == 0 or step == args.max_steps:
-                rates = meter.report(step, functools.partial(sum_over_ranks, device=engine.device))
+                rates = meter.report(step, functools.partial(sum_over_ranks, device=engine.device,
+                                                             copies=getattr(engine, "num_stages", 1)))
                 scalars = train_scalars(engine, losses, rates)
                 engine.write_scalars(scalars, step)
                 line = f"step {step:>6}  " + "  ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in scalars.items()
@@ -461,12 +465,13 @@ def draw_ticket(search: Any, engine: Any, resolved: dict[str, Any], step: int, s
     return PLDEngine(slim, args.deepspeed_config, seed=args.seed, output_dir=output)
 
 
-def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+def sum_over_ranks(values: list[float], device: torch.device, copies: int = 1) -> list[float]:
+    """Summed over every rank; `copies` ranks count each sample (the stages of a pipeline replica)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return values
     total = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(total)
-    return total.tolist()
+    return (total / copies).tolist()
 
 
 def interval_status(rates: metrics.Rates, steps_left: int) -> str:

@@ -1,0 +1,276 @@
+"""Sync pipeline against Ouroboros on CPU ranks, and a cost model of both schedules against K.
+
+    python bench/pipeline_bench.py run --model mini --stages 2 --steps 40 --data SHARDS --json out.json
+    python bench/pipeline_bench.py layer-times --model base --micro-batch 32 --seq-len 128 --json layers.json
+    python bench/pipeline_bench.py model --layers-json layers.json --bandwidth-gbs 25 --micro-batches 8
+
+`run` trains the same model, seed and batches once per schedule with K processes (gloo) and reports the time
+per optimizer step (after --skip warm-up steps), each stage's idle fraction (time blocked waiting for a
+message, over the step time) and the loss trace. `layer-times` measures one layer's forward and backward and
+the heads' on this machine (any device torch sees). `model` predicts throughput against K from such times.
+
+The cost model, per pipeline replica, G micro-batches per optimizer step, stage k holding layers L_k:
+  F_k, B_k   forward and backward time of stage k per micro-batch (sum of its layers' times, plus the
+             embeddings on stage 0 and the heads on stage K-1); c = activation bytes / bandwidth + latency
+  sync       T = (G + K - 1) * max_k (F_k + B_k + 2c): GPipe, a fill and a drain every step
+  ouroboros  T = G * max_k (F_k + R_k + B_k, 2c): no flush, every stage busy; R_k = F_k, the recomputed
+             forward of a stage with stale gradients (every stage but the last)
+  throughput = G * micro-batch / T
+It ignores the optimizer step and the data-parallel all-reduce (the same for both schedules), and assumes
+transfers overlap compute in Ouroboros (it sends while it computes) but not in GPipe's fill and drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- cost model -------------------------------------------------------------------------------------------
+
+def stage_times(layer_fwd: float, layer_bwd: float, heads_fwd: float, heads_bwd: float, num_layers: int,
+                stages: int) -> list[tuple[float, float]]:
+    """(forward, backward) per micro-batch of each stage, layers cut as evenly as the heads allow."""
+    from pld_ds.pipeline import partition_layers
+
+    costs = [0.0] + [layer_fwd + layer_bwd] * num_layers + [heads_fwd + heads_bwd]
+    bounds = partition_layers(costs, stages)
+    times = []
+    for k, layers in enumerate(bounds):
+        fwd = len(layers) * layer_fwd + (heads_fwd if k == stages - 1 else 0.0)
+        bwd = len(layers) * layer_bwd + (heads_bwd if k == stages - 1 else 0.0)
+        times.append((fwd, bwd))
+    return times
+
+
+def predict(times: dict[str, float], num_layers: int, stages: int, micro_batches: int, micro_batch: int,
+            activation_bytes: float, bandwidth: float, latency: float = 20e-6) -> dict[str, float]:
+    """Samples per second of one pipeline replica under each schedule (seconds and bytes/s in)."""
+    per_stage = stage_times(times["layer_fwd"], times["layer_bwd"], times["heads_fwd"], times["heads_bwd"],
+                            num_layers, stages)
+    comm = activation_bytes / bandwidth + latency if stages > 1 else 0.0
+    sync = (micro_batches + stages - 1) * max(f + b + 2 * comm for f, b in per_stage)
+    ouro = micro_batches * max(max(f + (f if k < stages - 1 else 0.0) + b, 2 * comm)
+                               for k, (f, b) in enumerate(per_stage))
+    samples = micro_batches * micro_batch
+    return {"stages": stages, "sync_samples_per_sec": samples / sync, "ouroboros_samples_per_sec": samples / ouro,
+            "sync_step_s": sync, "ouroboros_step_s": ouro, "speedup": sync / ouro}
+
+
+def layer_times(model_name: str, micro_batch: int, seq_len: int, vocab_size: int, repeats: int,
+                dtype: str) -> dict[str, float]:
+    """Median forward and backward seconds of one encoder layer and of the heads (15% of positions masked)."""
+    from pld_ds.config import model_config
+    from pld_ds.model import BertForPreTraining
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = model_config(model_name, vocab_size=vocab_size)
+    model = BertForPreTraining(cfg).to(device)
+    layer, heads = model.encoder.layers[0], model.heads
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    x = torch.randn(micro_batch, seq_len, cfg.hidden_size, device=device, requires_grad=True)
+    masked = torch.randn(int(0.15 * micro_batch * seq_len), cfg.hidden_size, device=device, requires_grad=True)
+
+    def timed(fn) -> tuple[float, float]:
+        fwd, bwd = [], []
+        for _ in range(repeats + 2):
+            sync()
+            start = time.perf_counter()
+            with autocast:
+                out = fn()
+            sync()
+            middle = time.perf_counter()
+            out.float().sum().backward()
+            sync()
+            fwd.append(middle - start)
+            bwd.append(time.perf_counter() - middle)
+        return sorted(fwd[2:])[repeats // 2], sorted(bwd[2:])[repeats // 2]
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    layer_fwd, layer_bwd = timed(lambda: layer(x, None))
+    heads_fwd, heads_bwd = timed(lambda: heads.mlm_logits(masked))
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": model_name,
+            "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "micro_batch": micro_batch,
+            "seq_len": seq_len, "dtype": dtype, "layer_fwd": layer_fwd, "layer_bwd": layer_bwd,
+            "heads_fwd": heads_fwd, "heads_bwd": heads_bwd,
+            "activation_bytes": micro_batch * seq_len * cfg.hidden_size * (2 if dtype == "bf16" else 4)}
+
+
+# -- measured runs ------------------------------------------------------------------------------------------
+
+def bench_config(args: argparse.Namespace, schedule: str) -> dict[str, Any]:
+    config = json.loads((REPO / "ds_configs" / "tiny_cpu_pld.json").read_text())
+    for monitor in ("tensorboard", "csv_monitor"):
+        config.pop(monitor, None)
+    config.update(train_micro_batch_size_per_gpu=args.micro_batch, gradient_accumulation_steps=args.micro_batches)
+    config["optimizer"]["params"]["lr"] = config["scheduler"]["params"]["warmup_max_lr"] = args.lr
+    config["scheduler"]["params"].update(warmup_num_steps=max(1, args.steps // 10), total_num_steps=args.steps)
+    config["progressive_layer_drop"]["enabled"] = args.pld
+    config["pipeline"] = {"stages": args.stages, "schedule": schedule, "partition": "compute"}
+    return config
+
+
+def run_rank(rank: int, args: argparse.Namespace, schedule: str, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.stages),
+                      LOCAL_WORLD_SIZE=str(args.stages), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(args.threads)
+    import torch.distributed as dist
+
+    from pld_ds.config import model_config, padded_vocab_size
+    from pld_ds.data.loader import ShardBatches
+    from pld_ds.data.shards import find_shards
+    from pld_ds.model import BertForPreTraining
+    from pld_ds.pipeline import make_engine
+
+    dist.init_process_group("gloo", rank=rank, world_size=args.stages)
+    vocab = args.vocab_size
+    if args.data:
+        manifest = Path(args.data) / "manifest.json"
+        if manifest.is_file():
+            vocab = json.loads(manifest.read_text())["vocab"]["size"]
+    torch.manual_seed(args.seed)
+    model = BertForPreTraining(model_config(args.model, vocab_size=padded_vocab_size(vocab)))
+    engine = make_engine(model, bench_config(args, schedule), seed=args.seed)
+    if args.data:
+        root = Path(args.data)
+        paths = find_shards(root / "train" if (root / "train").is_dir() else root, "--data")
+        batches = iter(ShardBatches(paths, micro_batch=args.micro_batch, vocab_size=vocab, rank=0, world_size=1,
+                                    seed=args.seed))
+    else:
+        from pld_helpers import synthetic_batch
+
+        def synthetic():
+            i = 0
+            while True:
+                yield synthetic_batch(batch=args.micro_batch, seq_len=args.seq_len, vocab=vocab, seed=i % 64)
+                i += 1
+        batches = synthetic()
+    losses, times = [], []
+    for step in range(args.steps):
+        dist.barrier()  # each step timed alone; Ouroboros between steps is measured without it (below)
+        if step == args.skip:
+            engine.optimizer_scalars()  # restarts the idle-time counters
+        start = time.perf_counter()
+        out = engine.train_batch(batches)
+        times.append(time.perf_counter() - start)
+        losses.append(out["loss"].item() if "loss" in out else None)
+    scalars = engine.optimizer_scalars()
+    # Back-to-back steps with no barrier: Ouroboros' stages then overlap consecutive steps.
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(args.free_steps):
+        engine.train_batch(batches)
+    engine.collect_in_flight()
+    dist.barrier()
+    free = (time.perf_counter() - start) / max(args.free_steps, 1)
+    mine = {"rank": rank, "stage": engine.stage_index, "layers": engine.module.layer_ids, "losses": losses,
+            "times": times, "scalars": scalars, "free_step_s": free}
+    gathered: list = [None] * args.stages
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    engine.engine.destroy()
+    dist.destroy_process_group()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    results = {}
+    for schedule in ("sync", "ouroboros"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = f"{args.json or 'pipeline_bench.json'}.{schedule}.part"
+        started = time.perf_counter()
+        mp.spawn(run_rank, args=(args, schedule, port, out), nprocs=args.stages, join=True)
+        ranks = json.loads(Path(out).read_text())
+        Path(out).unlink()
+        last = next(r for r in ranks if r["losses"][0] is not None)
+        timed = [max(r["times"][i] for r in ranks) for i in range(args.skip, args.steps)]
+        tail = [v for v in last["losses"][-args.tail:]]
+        results[schedule] = {
+            "step_s": sum(timed) / len(timed), "free_step_s": max(r["free_step_s"] for r in ranks),
+            "idle_fraction": {f"stage{int(r['stage'])}": r["scalars"][f"pipeline/idle_fraction_stage{r['stage']}"]
+                              for r in ranks},
+            "losses": last["losses"], "final_loss": sum(tail) / len(tail),
+            "partition": {f"stage{r['stage']}": r["layers"] for r in ranks}, "wall_s": time.perf_counter() - started}
+        print(f"{schedule:>9}: {results[schedule]['step_s']:.3f} s/step (barrier each step), "
+              f"{results[schedule]['free_step_s']:.3f} s/step back to back, idle {results[schedule]['idle_fraction']}, "
+              f"loss over the last {args.tail} steps {results[schedule]['final_loss']:.4f}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="sync against Ouroboros on K CPU processes")
+    run.add_argument("--model", default="mini")
+    run.add_argument("--stages", type=int, default=2)
+    run.add_argument("--steps", type=int, default=40)
+    run.add_argument("--skip", type=int, default=3, help="steps left out of the timing (start-up)")
+    run.add_argument("--free-steps", type=int, default=5, help="extra steps timed back to back, no barrier")
+    run.add_argument("--tail", type=int, default=5, help="final loss: mean over the last N steps")
+    run.add_argument("--micro-batch", type=int, default=8)
+    run.add_argument("--micro-batches", type=int, default=4, help="gradient_accumulation_steps")
+    run.add_argument("--seq-len", type=int, default=128, help="synthetic data only")
+    run.add_argument("--vocab-size", type=int, default=30522, help="synthetic data only")
+    run.add_argument("--lr", type=float, default=1e-3)
+    run.add_argument("--pld", action="store_true")
+    run.add_argument("--data", help="shard folder (pld-prep output); default: synthetic batches")
+    run.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--json")
+    layers = sub.add_parser("layer-times", help="one layer's and the heads' forward/backward time here")
+    layers.add_argument("--model", default="base")
+    layers.add_argument("--micro-batch", type=int, default=32)
+    layers.add_argument("--seq-len", type=int, default=128)
+    layers.add_argument("--vocab-size", type=int, default=30528)
+    layers.add_argument("--repeats", type=int, default=10)
+    layers.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    layers.add_argument("--json")
+    model = sub.add_parser("model", help="predicted throughput of both schedules against K")
+    model.add_argument("--layers-json", required=True, help="output of layer-times")
+    model.add_argument("--num-layers", type=int, help="default: the measured model's")
+    model.add_argument("--micro-batches", type=int, default=8)
+    model.add_argument("--bandwidth-gbs", type=float, nargs="+", default=[25.0], help="link GB/s between stages")
+    model.add_argument("--json")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO / "tests"))
+    if args.command == "run":
+        result = {"args": vars(args), "schedules": measure(args)}
+    elif args.command == "layer-times":
+        result = layer_times(args.model, args.micro_batch, args.seq_len, args.vocab_size, args.repeats, args.dtype)
+        print(json.dumps(result, indent=2))
+    else:
+        times = json.loads(Path(args.layers_json).read_text())
+        layers_n = args.num_layers or times["num_layers"]
+        rows = []
+        for bandwidth in args.bandwidth_gbs:
+            for stages in [k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24) if k <= layers_n]:
+                row = predict(times, layers_n, stages, args.micro_batches, times["micro_batch"],
+                              times["activation_bytes"], bandwidth * 1e9)
+                rows.append({"bandwidth_gbs": bandwidth, **row})
+                print(f"{bandwidth:>6.1f} GB/s  K={stages:<3} sync {row['sync_samples_per_sec']:9.1f} samples/s  "
+                      f"ouroboros {row['ouroboros_samples_per_sec']:9.1f} samples/s  x{row['speedup']:.2f}")
+        result = {"layer_times": times, "micro_batches": args.micro_batches, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
