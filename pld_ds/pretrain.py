@@ -351,6 +351,8 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
     search = earlybert.TicketSearch(model, eb) if eb.enabled and not slim_resume else None
     startup.say("pld-pretrain", f"starting DeepSpeed{' on its CPU accelerator (no GPU found)' if on_cpu else ''}; "
                 "its first start on a machine compiles its ops, which can take minutes")
+    for stale, note in startup.build_lock_notes():
+        (startup.warn if stale else startup.say)("pld-pretrain", note)
     started = time.perf_counter()
     with startup.without_noise():
         engine = make_engine(model, args.deepspeed_config, seed=args.seed, output_dir=output,

@@ -193,3 +193,34 @@ def check_output(output: Path, flag: str = "--output") -> None:
         raise ConfigError(f"{flag} {output}: {where} (expected a folder for checkpoints and logs)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {output}: {existing} is not writable (expected a folder for checkpoints and logs)")
+
+
+STALE_LOCK_SECONDS = 600
+
+
+def build_lock_notes(root: Path | None = None, now: float | None = None) -> list[tuple[bool, str]]:
+    """(stale, message) for each op build lock under torch's extensions folder. torch builds an op (DeepSpeed's
+    Adam, its CPU communication op) under a lock file and every other process waits for the file to go, without
+    a word and without a timeout; a build that was killed leaves its lock, and every later start hangs."""
+    import time
+
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = Path(get_default_build_root())
+    now = time.time() if now is None else now
+    notes = []
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:  # the build just finished
+            continue
+        since = time.strftime("%H:%M:%S", time.localtime(now - age))
+        if age > STALE_LOCK_SECONDS:
+            notes.append((True, f"{lock} has held the build of the op {lock.parent.name} since {since} "
+                                f"({age / 60:.0f} min): a build that was killed leaves its lock, and DeepSpeed then "
+                                f"waits for it forever; if no build is running, delete {lock}"))
+        else:
+            notes.append((False, f"another process is building the op {lock.parent.name} (lock since {since}); "
+                                 f"start-up waits for it"))
+    return notes

@@ -704,6 +704,27 @@ def test_output_that_cannot_be_a_folder_fails_before_deepspeed_starts(tmp_path: 
         assert_names(pretrain_error(capsys, args), fragment, "expected a folder")
 
 
+def test_op_build_locks_are_reported_and_a_stale_one_named(tmp_path: Path) -> None:
+    """torch waits for an op build's lock file forever and silently: a killed build hung every later start."""
+    import os
+
+    from pld_ds.startup import STALE_LOCK_SECONDS, build_lock_notes
+
+    assert build_lock_notes(tmp_path) == []
+    stale = tmp_path / "py311_cpu" / "fused_adam" / "lock"
+    stale.parent.mkdir(parents=True)
+    stale.touch()
+    now = stale.stat().st_mtime + STALE_LOCK_SECONDS + 60
+    fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh.parent.mkdir()
+    fresh.touch()
+    os.utime(fresh, (now - 30, now - 30))
+    (waiting, note), (is_stale, warning) = build_lock_notes(tmp_path, now)
+    assert not waiting and note.startswith("another process is building the op deepspeed_shm_comm")
+    assert is_stale and warning.startswith(f"{stale} has held the build of the op fused_adam since ")
+    assert warning.endswith(f"if no build is running, delete {stale}") and "(11 min)" in warning
+
+
 def test_eval_interval_without_validation_shards_warns(tmp_path: Path, data: Path, capsys: Capsys,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(DataOnlyEngine, "train_batch", stop_at_first_step)
