@@ -843,7 +843,10 @@ def test_pretrain_searches_draws_trains_slim_and_resumes_the_slim_phase(tmp_path
     second = pretrain(14)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "earlybert: step" not in second.stdout  # no new search: the slim model resumed
-    assert [int(line.split()[1]) for line in second.stdout.splitlines() if line.startswith("step ")] == [12, 14]
+    rows = [line for line in second.stdout.splitlines() if line.startswith("step ")]
+    assert [int(line.split()[1]) for line in rows] == [12, 14]
+    # the resumed slim phase's first rates cover its own 2 steps, not the search's steps again
+    assert "(rates over the last 2 steps)" in rows[0]
     state = checkpoint.safe_load(out / "checkpoints" / "global_step14" / "mp_rank_00_model_states.pt")
     qkv = state["module"]["encoder.layers.0.attn.qkv.weight"]
     assert qkv.shape[0] == 3 * ticket["layer_heads"][0] * 64 // 2  # hidden 64, 2 heads of 32: slim shapes
