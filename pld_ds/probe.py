@@ -83,6 +83,21 @@ def fill_mask(run_dir: str | Path, sentences: list[str], top: int = 5) -> list[t
     return answers
 
 
+def run_title(run_dir: str | Path, data: str | Path) -> str:
+    """A plot title that names the run: its folder, its model and step count (from run_config.json) and data."""
+    run = Path(run_dir).resolve()
+    config = run / "run_config.json"
+    args = {}
+    if config.is_file():
+        from pld_ds.config import read_json
+
+        args = read_json(config, "run config").get("args") or {}
+    model = Path(str(args.get("model", "?"))).name
+    parent = run.parent.name
+    return f"{parent}/{run.name}: {model}, {args.get('max_steps', '?')} steps on {Path(data).resolve().parent.name}/" \
+        f"{Path(data).resolve().name}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(prog="pld-probe", description=__doc__.split("\n")[0])
     p.add_argument("run_dir", metavar="RUN_DIR", help="a pld-pretrain --output folder")
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         for sentence, per_mask in fill_mask(args.run_dir, args.sentence or list(SENTENCES)):
             print(f"fill-mask: {sentence}  ->  " + " | ".join(" ".join(tokens) for tokens in per_mask))
         if args.plot:
-            title = f"{Path(args.run_dir).resolve().name}: {Path(args.data).resolve().name}"
+            title = run_title(args.run_dir, args.data)
             print(plot_run(scalars, args.plot, title=title, baseline=baseline))
 
 

@@ -46,3 +46,11 @@ def test_plot_draws_the_baseline_and_the_title():
     assert line.get_label() == "unigram baseline (7.25)" and set(line.get_ydata()) == {7.25}
     assert loss_ax.get_title() == "quickstart: narrow12"
     assert not any(ln.get_label().startswith("unigram") for ln in run_figure(run).axes[0].lines)
+
+
+def test_plot_title_names_the_run(tmp_path):
+    run = tmp_path / "quickstart" / "run"
+    run.mkdir(parents=True)
+    (run / "run_config.json").write_text('{"args": {"model": "narrow12", "max_steps": 1500}}')
+    assert probe.run_title(run, tmp_path / "quickstart" / "shards") == \
+        "quickstart/run: narrow12, 1500 steps on quickstart/shards"
