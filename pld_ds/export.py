@@ -90,7 +90,7 @@ def find_step_dir(path: str | Path) -> Path:
             if not (folder / tag).is_dir():
                 raise UserError(f"{latest}: names {tag}, but {folder / tag} does not exist")
             return folder / tag
-    if list(path.glob("*model_states.pt")):
+    if list(path.glob("*model_states.pt")) or list(path.glob("stage[0-9][0-9]/*model_states.pt")):
         return path
     for folder in (path, path / "checkpoints"):
         newest = _newest_step_folder(folder) if folder.is_dir() else None
@@ -227,6 +227,26 @@ def _module_weights(states: dict[str, Any], cfg: BertConfig) -> dict[str, torch.
     return weights
 
 
+def merge_pipeline_stages(step_dir: Path, stage_dirs: list[Path]) -> dict[str, torch.Tensor]:
+    """One state dict from the stages of a pipeline checkpoint (pld_ds.pipeline): each stage's module weights
+    under BertForPreTraining's names, which the stage saved beside them. The tied word embedding is in the
+    first and the last stage, equal; the first stage's copy is kept."""
+    weights: dict[str, torch.Tensor] = {}
+    expected = None
+    for folder in stage_dirs:
+        states = safe_load(_model_states_file(folder))
+        pipe = states.get("pipeline") if isinstance(states, dict) else None
+        if not isinstance(pipe, dict) or not isinstance(pipe.get("names"), dict):
+            raise UserError(f"{folder}: no pipeline.names in the model states (expected a pld_ds pipeline checkpoint)")
+        expected = pipe.get("stages")
+        for name, tensor in states["module"].items():
+            full = pipe["names"].get(name, name)
+            weights.setdefault(full, tensor.float().clone())
+    if expected != len(stage_dirs):
+        raise UserError(f"{step_dir}: {len(stage_dirs)} stage folders for a {expected}-stage pipeline checkpoint")
+    return weights
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A pld_ds checkpoint read into memory: fp32 weights under BertForPreTraining's names."""
@@ -276,11 +296,14 @@ def load_checkpoint(path: str | Path, model: str | None = None) -> Checkpoint:
         raise UserError(f"{step_dir}: no {RUN_CONFIG} in the run folder: pass --model (preset or JSON) "
                         "with the shape the checkpoint was trained with")
     run_config = read_json(run_config_path, "run config") if run_config_path else {}
-    states = safe_load(_model_states_file(step_dir))
+    stage_dirs = sorted(p for p in step_dir.glob("stage[0-9][0-9]") if p.is_dir())  # a pipeline's parts
+    states = safe_load(_model_states_file(stage_dirs[-1] if stage_dirs else step_dir))
     if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
         raise UserError(f"{step_dir}: the model states file has no module state dict")
-    optim_files = _optim_files(step_dir)
+    optim_files = [] if stage_dirs else _optim_files(step_dir)
     weights, stage = _zero_weights(states, optim_files, step_dir) if optim_files else (None, 0)
+    if stage_dirs:
+        weights = merge_pipeline_stages(step_dir, stage_dirs)
     if model is None:
         cfg = _config_from_run(run_config_path, run_config)
     else:  # ZeRO-3 leaves the module's tensors empty: the merged weights know the vocabulary size
