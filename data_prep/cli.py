@@ -207,8 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The workers start loading (imports, vocabulary) now, while this process imports the pipeline:
     # on small corpora that start-up is a good part of the run.
+    # (Not when an input or the vocabulary is missing: that run ends at once with an error.)
     vocab = None if args.vocab is None else str(args.vocab)
-    pool = start_pool(args.workers or default_workers(), vocab, lowercase=not args.cased)
+    present = all(Path(p).exists() for p in args.input) and (vocab is None or Path(vocab).is_file())
+    pool = start_pool(args.workers or default_workers(), vocab, lowercase=not args.cased) if present else None
     from data_prep.pipeline import eprint, run
 
     # A scheduler's SIGTERM gets the same clean stop as Ctrl-C: no half files, resumable.

@@ -118,11 +118,9 @@ def run(
     """Prepare ``cfg.output``; raises PrepError for bad input, anything else is a bug.
 
     ``pool``: worker processes from ``workers.start_pool`` (the command line starts them before it
-    imports this module); without one, the workers are started here, before anything is read.
-    Either way the run shuts them down.
+    imports this module); without one, they are started when the first batch is ready. Either way
+    the run shuts them down.
     """
-    if pool is None:
-        pool = start_pool(cfg.workers, None if cfg.vocab is None else str(cfg.vocab), cfg.lowercase)
     try:
         return _run(cfg, log, pool)
     finally:

@@ -71,3 +71,20 @@ def test_small_corpora_get_several_shards_independent_of_workers() -> None:
     assert pipeline._num_shards("train", 300_000, None) == 5  # one per ~65k samples from there on
     assert pipeline._num_shards("train", 45_028, 1) == 1  # --num-shards wins
     assert pipeline._num_shards("validation", 45_028, 1) == 2
+
+
+def test_cli_starts_workers_first_unless_an_input_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from data_prep import cli
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(cli, "start_pool", lambda *a, **k: calls.append((a, k)))  # returns None: one process
+    vocab = write_vocab(tmp_path / "vocab.txt")
+    corpus = write_wiki(tmp_path / "wiki_00", 10)
+    code, err = run_cli(capsys, "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"),
+                        "--vocab", str(vocab), "--workers", "2")
+    assert code == 2 and "missing" in err and calls == []
+    code, _ = run_cli(capsys, "--input", str(corpus), "--output", str(tmp_path / "o"), "--vocab", str(vocab),
+                      "--workers", "3")
+    assert code == 0 and calls == [((3, str(vocab)), {"lowercase": True})]
