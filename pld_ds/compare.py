@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pld_ds.config import MODEL_PRESETS, PLD_KEY, ConfigError, read_json, split_ds_config
+from pld_ds.config import MODEL_PRESETS, PLD_KEY, ConfigError, pipeline_config, read_json, split_ds_config
 from pld_ds.errors import ArgumentParser, UserError, one_line_errors
 
 RUNS = ("baseline", "pld")  # the arms when none is given
@@ -192,13 +192,16 @@ def run_configs(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], Pl
     """The DeepSpeed JSON of each arm, and the shared plan (budget, cap, evaluation cadence)."""
     source = args.deepspeed_config
     full = read_json(source, "DeepSpeed config")
-    ds_config, pld_cfg, _ = split_ds_config(full)  # validates the PLD block
+    ds_config, pld_cfg, _ = split_ds_config(full, pipeline_engine=True)  # validates the PLD and pipeline blocks
+    stages = pipeline_config(full)[0].stages  # a pipeline's stages read the same batches: replicas = world / K
+    if args.world_size % stages:
+        raise ConfigError(f"{source}: pipeline.stages: {stages} stages do not divide --world-size {args.world_size}")
     micro = ds_config.get("train_micro_batch_size_per_gpu")
     accumulation = ds_config.get("gradient_accumulation_steps", 1)
     if not isinstance(micro, int) or not isinstance(accumulation, int) or micro < 1 or accumulation < 1:
         raise ConfigError(f"{source}: train_micro_batch_size_per_gpu and gradient_accumulation_steps: "
                           "expected positive integers (pld-compare counts samples with them)")
-    global_batch = micro * accumulation * args.world_size
+    global_batch = micro * accumulation * (args.world_size // stages)
     steps = max(1, math.ceil(args.samples / global_batch))
     cap_steps = max(steps, math.ceil(steps * args.cap))
     eval_every = args.eval_every or max(global_batch, args.samples // 10)
@@ -218,7 +221,7 @@ def run_configs(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], Pl
             params = scheduler.setdefault("params", {})
             params["total_num_steps"] = cap_steps
             params["warmup_num_steps"] = min(params.get("warmup_num_steps", 0), max(1, steps // 10))
-        split_ds_config(config)  # the block we wrote must be valid (θ̄ and γ from flags or the arm)
+        split_ds_config(config, pipeline_engine=True)  # the block we wrote must be valid (θ̄, γ from flags or arm)
         configs[arm.name] = config
         described[arm.name] = {"layer_norm": arm.layer_norm, "pld": block,
                                "lr": config.get("optimizer", {}).get("params", {}).get("lr")}

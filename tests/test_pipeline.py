@@ -322,3 +322,29 @@ def test_pretrain_on_a_pipeline_stops_and_resumes(tmp_path, shard_dir):
     assert parts == ["stage00", "stage01"]
     eval_loss = read_csv_scalar(tmp_path / "split" / "csv" / "run" / "eval_mlm_loss.csv")
     assert eval_loss and math.isfinite(eval_loss[-1][1])
+    # pld-export's reader merges the stages into BertForPreTraining's state dict: the same weights either way
+    from pld_ds import export
+
+    merged, reference = (export.load_checkpoint(tmp_path / run) for run in ("split", "straight"))
+    assert set(merged.state_dict) == set(BertForPreTraining(merged.config).state_dict())
+    for name, tensor in reference.state_dict.items():
+        assert torch.equal(merged.state_dict[name], tensor), name
+
+
+def test_pld_compare_runs_both_arms_on_the_same_pipeline(tmp_path):
+    """pld-compare takes a config with a pipeline block: both arms keep it, and the global batch counts the
+    replicas (world / K), not the ranks."""
+    from pld_ds import compare
+
+    config = pipeline_ds_config(tmp_path, schedule="ouroboros")
+    args = compare.parse_args(["--deepspeed_config", config, "--data", str(tmp_path / "data"), "--output",
+                               str(tmp_path / "out"), "--model", "tiny", "--samples", "640", "--world-size", "4",
+                               "--launcher", "deepspeed --num_gpus 4"])
+    configs, plan = compare.run_configs(args)
+    assert plan.global_batch == 4 * 2 * 2  # micro-batch x accumulation x 2 replicas of 2 stages
+    assert all(c["pipeline"] == {"stages": 2, "schedule": "ouroboros"} for c in configs.values())
+    bad = compare.parse_args(["--deepspeed_config", config, "--data", str(tmp_path / "data"), "--output",
+                              str(tmp_path / "out"), "--model", "tiny", "--samples", "640", "--world-size", "3",
+                              "--launcher", "deepspeed --num_gpus 3"])
+    with pytest.raises(ConfigError, match=r"pipeline\.stages: 2 stages do not divide --world-size 3"):
+        compare.run_configs(bad)
