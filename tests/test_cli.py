@@ -190,8 +190,8 @@ def test_e2e_tensorboard_has_theta(e2e):
     acc.Reload()
     scalars = acc.Scalars("train/pld_theta")
     assert [s.step for s in scalars] == [10, 20, 30, 40, 50]
-    for s in scalars:
-        assert s.value == pytest.approx(pld.theta(s.step, 0.5, GAMMA), rel=1e-6)
+    for s in scalars:  # the row of step s: the theta step s ran with, theta(s - 1)
+        assert s.value == pytest.approx(pld.theta(s.step - 1, 0.5, GAMMA), rel=1e-6)
     assert "eval/mlm_loss" in acc.Tags()["scalars"]
 
 
@@ -200,14 +200,14 @@ def test_e2e_theta_and_loss_in_csv(e2e):
     first, second = csv_segments(csv_dir / "train_pld_theta.csv")
     assert [s for s, _ in first] == [10, 20, 30, 40]
     assert all(a[1] > b[1] for a, b in pairwise(first + second))
-    for step, value in first + second:
-        assert value == pld.theta(step, 0.5, GAMMA)
-    assert second == [(50, pld.theta(50, 0.5, GAMMA))]
+    for step, value in first + second:  # the theta each logged step ran with, the resumed run's too
+        assert value == pld.theta(step - 1, 0.5, GAMMA)
+    assert second == [(50, pld.theta(49, 0.5, GAMMA))]
     losses = read_csv_scalar(csv_dir / "train_loss.csv")
     assert [s for s, _ in losses] == [10, 20, 30, 40, 50]
     assert all(math.isfinite(v) for _, v in losses)
     depth = read_csv_scalar(csv_dir / "train_expected_depth.csv")
-    assert [v for _, v in depth] == [pld.expected_depth(4, pld.theta(s, 0.5, GAMMA)) for s, _ in depth]
+    assert [v for _, v in depth] == [pld.expected_depth(4, pld.theta(s - 1, 0.5, GAMMA)) for s, _ in depth]
     # evaluation at step 20 (interval) and at the end of each run
     assert [s for s, _ in read_csv_scalar(csv_dir / "eval_mlm_loss.csv")] == [20, 40, 50]
 
