@@ -91,12 +91,17 @@ def run(stage: int, offload: str, gas: int, precision: str, zero_options: dict) 
     return {"weights": weights, "norms": norms}
 
 
+def _value(text: str) -> bool | int:
+    """OPTION=0|1 is a boolean switch; any other number an integer setting (a bucket size, a threshold)."""
+    return text == "1" if text in ("0", "1") else int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--cases", nargs="+", required=True,
-                        help="STAGE:OFFLOAD:GAS:PRECISION[:OPTION=0|1 ...], OFFLOAD none, opt or opt+param, "
-                             "PRECISION fp32, bf16 or autocast, OPTION a boolean zero_optimization key; "
+                        help="STAGE:OFFLOAD:GAS:PRECISION[:OPTION=N ...], OFFLOAD none, opt or opt+param, "
+                             "PRECISION fp32, bf16 or autocast, OPTION a zero_optimization key (0/1: a switch); "
                              "e.g. 3:opt:2:fp32 or 2:none:2:fp32:overlap_comm=1")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1)  # passed by the launcher
     args = parser.parse_args()
@@ -105,7 +110,7 @@ def main() -> None:
     summary = []
     for case in args.cases:
         stage, offload, gas, precision, *options = case.split(":")
-        result = run(int(stage), offload, int(gas), precision, {name: value == "1" for name, value in
+        result = run(int(stage), offload, int(gas), precision, {name: _value(value) for name, value in
                                                                  (option.split("=") for option in options)})
         if dist.get_rank() == 0:
             torch.save(result["weights"], out.parent / f"{case.replace(':', '_')}.pt")

@@ -410,11 +410,14 @@ def test_engine_step_equals_a_plain_torch_loop(tmp_path, precision):
      r"zero_optimization\.offload_optimizer\.device: nvme"),
     ({"zero_optimization": {"stage": 1, "overlap_comm": True}, "gradient_accumulation_steps": 2},
      r"zero_optimization\.overlap_comm: true with ZeRO stage 1"),
-], ids=["unmanaged-accumulation", "nvme-offload", "zero1-overlap-comm"])
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}, "reduce_bucket_size": 150_000},
+      "gradient_accumulation_steps": 2}, r"zero_optimization\.reduce_bucket_size: 150,000 is below the model's "),
+], ids=["unmanaged-accumulation", "nvme-offload", "zero1-overlap-comm", "offload-buckets"])
 def test_configs_that_would_train_wrong_are_refused_before_deepspeed_starts(tmp_path, monkeypatch, extra, match):
     """managed_gradient_accumulation false made every micro-batch an optimizer step of its own, with clipping and
     grad_norm gone; NVMe optimizer offload keeps gradients the engine cannot clear for dropped layers; ZeRO-1 with
-    overlap_comm and accumulation never reduces the gradient of a layer its last micro-batch dropped."""
+    overlap_comm and accumulation never reduces the gradient of a layer its last micro-batch dropped; ZeRO-2/3
+    offload with accumulation and more than one reduce bucket accumulates wrong gradients, PLD or not."""
     import deepspeed
 
     def no_start(*args, **kwargs):
