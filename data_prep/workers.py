@@ -1,7 +1,7 @@
 """pld-prep's worker processes, started before the parent loads anything heavy.
 
-A spawned worker spends most of its start-up importing numpy, tokenizers, blingfire and h5py and
-loading the vocabulary. ``start_pool`` is called by the command line right after the arguments are
+A worker's start-up is mostly importing numpy, tokenizers, blingfire and h5py and loading the
+vocabulary. ``start_pool`` is called by the command line right after the arguments are
 parsed, before the parent imports the pipeline itself: the workers' start-up then runs while the
 parent does its own (imports, vocabulary check, reading the first batch), instead of after it. This
 module imports only the standard library for that reason.
@@ -48,17 +48,25 @@ def init_worker(vocab: str | None, lowercase: bool) -> None:
         pipeline.warm_encoder(vocab, lowercase)
 
 
-def start_pool(size: int, vocab: str | None = None, lowercase: bool = True) -> ProcessPoolExecutor | None:
-    """A spawn-based pool of ``size`` processes, all starting now (None for ``size <= 1``).
+def _context() -> multiprocessing.context.BaseContext:
+    # forkserver: workers are forked from a clean server process that imported the pipeline once,
+    # so N workers cost one import, not N, and none inherits the parent's tokenizer threads or open
+    # files (what plain fork would risk). spawn where there is no forkserver (Windows).
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["data_prep.pipeline"])  # no effect once the server runs: same modules
+    return context
 
-    spawn: workers start clean, without the parent's tokenizer threads or open files; and unlike
-    multiprocessing.Pool, a worker that dies fails the run instead of hanging it.
+
+def start_pool(size: int, vocab: str | None = None, lowercase: bool = True) -> ProcessPoolExecutor | None:
+    """A pool of ``size`` processes, all starting now (None for ``size <= 1``).
+
+    Unlike multiprocessing.Pool, a worker that dies fails the run instead of hanging it.
     """
     if size <= 1:
         return None
-    pool = ProcessPoolExecutor(
-        size, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker, initargs=(vocab, lowercase)
-    )
+    pool = ProcessPoolExecutor(size, mp_context=_context(), initializer=init_worker, initargs=(vocab, lowercase))
     # ProcessPoolExecutor starts a process per submitted task until it has `size`: start them all now.
     for _ in range(size):
         pool.submit(os.getpid)
