@@ -120,12 +120,32 @@ def _sentence_per_line(files: list[Path], out: Path) -> None:
             f.write("\n".join(s.strip() for s in split_sentences(document) if s.strip()) + "\n\n")
 
 
+def _become_subreaper() -> None:
+    # Descendants that outlive their parent (a forkserver, and the workers it forked and reaped) are
+    # handed to this process instead of init, so their CPU time is counted when we reap them.
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1)
+
+
+def _reap_all() -> None:
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
 def _timed(cmd: list[str], cpu: list[float], env: dict[str, str] | None = None, cwd: str | None = None) -> float:
-    """Wall seconds of one command; its CPU seconds (itself and the workers it waited for) go to ``cpu``."""
+    """Wall seconds of one command (until it exits); the CPU seconds of it and every process it
+    started, however they ended, go to ``cpu``."""
+    _reap_all()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
+    _reap_all()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     return wall
@@ -138,6 +158,8 @@ def compare(args: argparse.Namespace) -> None:
     env = dict(os.environ)
     if args.reference_pythonpath:
         env["PYTHONPATH"] = os.pathsep.join([args.reference_pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    if sys.platform.startswith("linux"):
+        _become_subreaper()
     work = Path(tempfile.mkdtemp(prefix="prep_speed_"))
     inputs = [Path(p) for p in args.input]
     files = [f.resolve() for p in inputs for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
