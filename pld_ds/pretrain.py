@@ -349,8 +349,7 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
     if args.compile:
         model.compile_layers(backend=args.compile)
     search = earlybert.TicketSearch(model, eb) if eb.enabled and not slim_resume else None
-    startup.say("pld-pretrain", f"starting DeepSpeed{' on its CPU accelerator (no GPU found)' if on_cpu else ''}; "
-                "its first start on a machine compiles its ops, which can take minutes")
+    startup.say("pld-pretrain", startup.starting_message(ds_config, on_cpu))
     for stale, note in startup.build_lock_notes():
         (startup.warn if stale else startup.say)("pld-pretrain", note)
     started = time.perf_counter()

@@ -224,3 +224,32 @@ def build_lock_notes(root: Path | None = None, now: float | None = None) -> list
             notes.append((False, f"another process is building the op {lock.parent.name} (lock since {since}); "
                                  f"start-up waits for it"))
     return notes
+
+
+def ops_to_build(ds_config: dict[str, Any], on_cpu: bool, root: Path | None = None) -> list[str]:
+    """The DeepSpeed ops this start will compile, because torch's extensions folder has no build of them yet."""
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = Path(get_default_build_root())
+    optimizer = ds_config.get("optimizer") if isinstance(ds_config.get("optimizer"), dict) else {}
+    params = optimizer.get("params") if isinstance(optimizer.get("params"), dict) else {}
+    zero = ds_config.get("zero_optimization") if isinstance(ds_config.get("zero_optimization"), dict) else {}
+    offload = zero.get("offload_optimizer") if isinstance(zero.get("offload_optimizer"), dict) else {}
+    ops = []
+    if str(optimizer.get("type", "")).lower() in ("adam", "adamw") and not params.get("torch_adam"):
+        ops.append("cpu_adam" if offload.get("device") == "cpu" else "fused_adam")
+    if on_cpu:
+        ops.append("deepspeed_shm_comm")  # the CPU accelerator's shared-memory all-reduce
+    return [op for op in ops if not any(root.glob(f"*/{op}/{op}*.so"))]
+
+
+def starting_message(ds_config: dict[str, Any], on_cpu: bool, root: Path | None = None) -> str:
+    where = " on its CPU accelerator (no GPU found)" if on_cpu else ""
+    ops = ops_to_build(ds_config, on_cpu, root)
+    if not ops:
+        return f"starting DeepSpeed{where}"
+    hint = ('; "torch_adam": true in the optimizer\'s params uses torch\'s Adam and compiles none'
+            if any(op.endswith("_adam") for op in ops) else "")
+    return (f"starting DeepSpeed{where}; it compiles {' and '.join(ops)} first (once per machine: a minute or "
+            f"two on idle cores, more on busy ones{hint})")

@@ -725,6 +725,24 @@ def test_op_build_locks_are_reported_and_a_stale_one_named(tmp_path: Path) -> No
     assert warning.endswith(f"if no build is running, delete {stale}") and "(11 min)" in warning
 
 
+def test_start_up_says_which_ops_it_will_compile(tmp_path: Path) -> None:
+    from pld_ds.startup import starting_message
+
+    adam = {"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}
+    torch_adam = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    assert starting_message(adam, True, tmp_path) == (
+        "starting DeepSpeed on its CPU accelerator (no GPU found); it compiles fused_adam and deepspeed_shm_comm "
+        "first (once per machine: a minute or two on idle cores, more on busy ones; \"torch_adam\": true in the "
+        "optimizer's params uses torch's Adam and compiles none)")
+    offload = {**adam, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    assert "it compiles cpu_adam and deepspeed_shm_comm first" in starting_message(offload, True, tmp_path)
+    for op in ("fused_adam", "deepspeed_shm_comm"):  # built before: nothing to compile
+        (tmp_path / "py311_cpu" / op).mkdir(parents=True)
+        (tmp_path / "py311_cpu" / op / f"{op}.so").touch()
+    assert starting_message(adam, True, tmp_path) == "starting DeepSpeed on its CPU accelerator (no GPU found)"
+    assert starting_message(torch_adam, False, tmp_path / "empty") == "starting DeepSpeed"
+
+
 def test_eval_interval_without_validation_shards_warns(tmp_path: Path, data: Path, capsys: Capsys,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(DataOnlyEngine, "train_batch", stop_at_first_step)
