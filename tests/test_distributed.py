@@ -41,10 +41,11 @@ def data_dir(tmp_path_factory):
     return make_shard_dir(tmp_path_factory.mktemp("dist_data"), shard_sizes=(64, 64), seq_len=32, validation=32)
 
 
-@pytest.mark.parametrize("stage, bf16", [(1, False), (2, True)], ids=["zero1-fp32", "zero2-bf16"])
-def test_pretrain_on_two_ranks(tmp_path, data_dir, stage, bf16):
+@pytest.mark.parametrize("stage, bf16, gas", [(1, False, 1), (2, True, 2)], ids=["zero1-fp32", "zero2-bf16-gas2"])
+def test_pretrain_on_two_ranks(tmp_path, data_dir, stage, bf16, gas):
     config = load_ds_config("tiny_cpu_pld.json")
     config["train_micro_batch_size_per_gpu"] = 8
+    config["gradient_accumulation_steps"] = gas
     config["zero_optimization"] = {"stage": stage}
     if bf16:
         config["bf16"] = {"enabled": True}
@@ -55,6 +56,8 @@ def test_pretrain_on_two_ranks(tmp_path, data_dir, stage, bf16):
                    "--eval-batches", "2"], tmp_path / "log.txt")
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "world 2" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert len(rows) == 2 and all(line.endswith("(rates over the last 2 steps)") for line in rows)
     gamma = config["progressive_layer_drop"]["gamma"]
     csv_dir = out / "csv" / "run"
     losses = read_csv_scalar(csv_dir / "train_loss.csv")
