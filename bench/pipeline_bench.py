@@ -15,6 +15,8 @@ The cost model, per pipeline replica, G micro-batches per optimizer step, stage 
   sync       T = (G + K - 1) * max_k (F_k + B_k + 2c): GPipe, a fill and a drain every step
   ouroboros  T = G * max_k (F_k + R_k + B_k, 2c): no flush, every stage busy; R_k = F_k, the recomputed
              forward of a stage with stale gradients (every stage but the last)
+  ouroboros with a per-step barrier (what pld-pretrain's loop gives: it all-reduces once per step)
+             T = (G + K - 1) * max_k (F_k + c) + G * max_k (R_k + B_k + c)
   throughput = G * micro-batch / T
 It ignores the optimizer step and the data-parallel all-reduce (the same for both schedules), and assumes
 transfers overlap compute in Ouroboros (it sends while it computes) but not in GPipe's fill and drain.
@@ -61,9 +63,14 @@ def predict(times: dict[str, float], num_layers: int, stages: int, micro_batches
     sync = (micro_batches + stages - 1) * max(f + b + 2 * comm for f, b in per_stage)
     ouro = micro_batches * max(max(f + (f if k < stages - 1 else 0.0) + b, 2 * comm)
                                for k, (f, b) in enumerate(per_stage))
+    # pld-pretrain's loop all-reduces once per step (pre-emption check): the forward then fills the pipeline
+    # every step, and only the backward runs without a fill.
+    barrier = ((micro_batches + stages - 1) * max(f + comm for f, _ in per_stage)
+               + micro_batches * max((f if k < stages - 1 else 0.0) + b + comm for k, (f, b) in enumerate(per_stage)))
     samples = micro_batches * micro_batch
     return {"stages": stages, "sync_samples_per_sec": samples / sync, "ouroboros_samples_per_sec": samples / ouro,
-            "sync_step_s": sync, "ouroboros_step_s": ouro, "speedup": sync / ouro}
+            "ouroboros_barrier_samples_per_sec": samples / barrier, "sync_step_s": sync, "ouroboros_step_s": ouro,
+            "ouroboros_barrier_step_s": barrier, "speedup": sync / ouro, "speedup_barrier": sync / barrier}
 
 
 def layer_times(model_name: str, micro_batch: int, seq_len: int, vocab_size: int, repeats: int,
@@ -101,11 +108,22 @@ def layer_times(model_name: str, micro_batch: int, seq_len: int, vocab_size: int
 
     layer_fwd, layer_bwd = timed(lambda: layer(x, None))
     heads_fwd, heads_bwd = timed(lambda: heads.mlm_logits(masked))
+    saved = []  # what autograd keeps for one layer's backward: the memory a stale stage would hold without recompute
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tensor, torch.nn.Parameter) and tensor.data_ptr() not in {p for p, _ in saved}:
+            saved.append((tensor.data_ptr(), tensor.numel() * tensor.element_size()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        layer(x, None).float().sum()
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": model_name,
             "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "micro_batch": micro_batch,
             "seq_len": seq_len, "dtype": dtype, "layer_fwd": layer_fwd, "layer_bwd": layer_bwd,
             "heads_fwd": heads_fwd, "heads_bwd": heads_bwd,
-            "activation_bytes": micro_batch * seq_len * cfg.hidden_size * (2 if dtype == "bf16" else 4)}
+            "activation_bytes": micro_batch * seq_len * cfg.hidden_size * (2 if dtype == "bf16" else 4),
+            "layer_saved_bytes": sum(size for _, size in saved), "layer_parameter_bytes": 4 * sum(
+                p.numel() for p in layer.parameters())}
 
 
 # -- measured runs ------------------------------------------------------------------------------------------
@@ -163,9 +181,9 @@ def run_rank(rank: int, args: argparse.Namespace, schedule: str, port: int, out:
         if step == args.skip:
             engine.optimizer_scalars()  # restarts the idle-time counters
         start = time.perf_counter()
-        out = engine.train_batch(batches)
+        step_losses = engine.train_batch(batches)
         times.append(time.perf_counter() - start)
-        losses.append(out["loss"].item() if "loss" in out else None)
+        losses.append(step_losses["loss"].item() if "loss" in step_losses else None)
     scalars = engine.optimizer_scalars()
     # Back-to-back steps with no barrier: Ouroboros' stages then overlap consecutive steps.
     dist.barrier()
@@ -215,6 +233,40 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def plot(run_json: Path, model_json: Path | None, out: Path) -> None:
+    """Loss against step for both schedules, and (with a cost-model JSON) predicted samples/s against K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = json.loads(run_json.read_text())
+    panels = 2 if model_json else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    for schedule, result in run["schedules"].items():
+        losses = [v for v in result["losses"] if v is not None]
+        ax.plot(range(1, len(losses) + 1), losses, label=f"{schedule} ({result['step_s']:.2f} s/step)")
+    a = run["args"]
+    ax.set(xlabel="optimizer step", ylabel="training loss (MLM + NSP)",
+           title=f"{a['model']}, K={a['stages']} CPU ranks, {a['micro_batches']}x{a['micro_batch']} per step")
+    ax.legend()
+    if model_json:
+        rows = json.loads(model_json.read_text())["rows"]
+        ax = axes[0][1]
+        for bandwidth in sorted({r["bandwidth_gbs"] for r in rows}):
+            sel = [r for r in rows if r["bandwidth_gbs"] == bandwidth]
+            ks = [r["stages"] for r in sel]
+            ax.plot(ks, [r["sync_samples_per_sec"] for r in sel], "o-", label=f"sync, {bandwidth:g} GB/s")
+            ax.plot(ks, [r["ouroboros_samples_per_sec"] for r in sel], "s--", label=f"ouroboros, {bandwidth:g} GB/s")
+            ax.plot(ks, [r["ouroboros_barrier_samples_per_sec"] for r in sel], "^:",
+                    label=f"ouroboros, step barrier, {bandwidth:g} GB/s")
+        ax.set(xlabel="stages K", ylabel="samples/s per pipeline (predicted)", xscale="log", title="cost model")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,8 +301,15 @@ def main() -> None:
     model.add_argument("--micro-batches", type=int, default=8)
     model.add_argument("--bandwidth-gbs", type=float, nargs="+", default=[25.0], help="link GB/s between stages")
     model.add_argument("--json")
+    drawing = sub.add_parser("plot", help="PNG of a run's losses and a cost model's predictions")
+    drawing.add_argument("--run-json", required=True)
+    drawing.add_argument("--model-json")
+    drawing.add_argument("--out", required=True)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "tests"))
+    if args.command == "plot":
+        plot(Path(args.run_json), Path(args.model_json) if args.model_json else None, Path(args.out))
+        return
     if args.command == "run":
         result = {"args": vars(args), "schedules": measure(args)}
     elif args.command == "layer-times":
@@ -265,8 +324,10 @@ def main() -> None:
                 row = predict(times, layers_n, stages, args.micro_batches, times["micro_batch"],
                               times["activation_bytes"], bandwidth * 1e9)
                 rows.append({"bandwidth_gbs": bandwidth, **row})
-                print(f"{bandwidth:>6.1f} GB/s  K={stages:<3} sync {row['sync_samples_per_sec']:9.1f} samples/s  "
-                      f"ouroboros {row['ouroboros_samples_per_sec']:9.1f} samples/s  x{row['speedup']:.2f}")
+                print(f"{bandwidth:>6.1f} GB/s  K={stages:<3} samples/s: sync {row['sync_samples_per_sec']:8.1f}  "
+                      f"ouroboros {row['ouroboros_samples_per_sec']:8.1f} (x{row['speedup']:.2f})  "
+                      f"ouroboros with a per-step barrier {row['ouroboros_barrier_samples_per_sec']:8.1f} "
+                      f"(x{row['speedup_barrier']:.2f})")
         result = {"layer_times": times, "micro_batches": args.micro_batches, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
