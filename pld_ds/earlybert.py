@@ -3,8 +3,8 @@
 Search. The model carries learnable slimming coefficients, initialised to 1 (BertConfig.slimming): one
 per attention head, scaling that head's context, and one per feed-forward neuron, scaling its GELU
 output. An L1 penalty lambda * sum |c| joins the training loss and the coefficients train with the
-model's optimizer. Under PLD a layer's terms join only when the layer ran, times 1/p like its output
-(penalty_weights): a dropped layer gets neither a data gradient nor an L1 pull that step. Every
+model's optimizer. Under PLD the penalty still covers every layer, also those dropped in a step
+(penalty_weights says why: under Adam, pulling only on layers that ran biases the ticket). Every
 `check_interval` optimizer steps the ticket's masks are built from the coefficients: in every layer the
 `head_prune_ratio` of its heads with the smallest |c|, and over all layers together the
 `neuron_prune_ratio` of the neurons with the smallest |c|, are pruned. The newest `window` masks are
@@ -159,19 +159,22 @@ def coefficients(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tenso
     return heads, neurons
 
 
-PENALTY_LAYERS = ("ran", "ran_unscaled", "all")
+PENALTY_LAYERS = ("all", "ran", "ran_unscaled")
 
 
-def penalty_weights(gates: Sequence[tuple[bool, float]] | None, layers: str = "ran") -> list[float] | None:
+def penalty_weights(gates: Sequence[tuple[bool, float]] | None, layers: str = "all") -> list[float] | None:
     """Per layer, the factor on its L1 term in a forward that drew PLD `gates` ((kept, keep probability)
     per layer; None: every layer ran, every factor 1).
 
-    "ran" (the default): 1/p for a layer that ran and 0 for a dropped one. A dropped layer got no data
-    gradient, so it gets no L1 pull either, and a kept one is pulled by 1/p, the factor its output was
-    scaled by: over the gates the expected pull is the full penalty, as the expected data gradient is the
-    one without PLD. "ran_unscaled": 1 where the layer ran, 0 where not (the expected pull on layer l is
-    then p_l times the full one: deep layers, dropped most, are penalised least). "all": 1 everywhere, also
-    on layers that did not run (the penalty the loss carried before PLD was taken into account)."""
+    "all" (the default): 1 for every layer, also for the layers PLD dropped. "ran": 1/p for a layer that
+    ran and 0 for a dropped one (over the gates the expected pull is the full penalty). "ran_unscaled": 1
+    where the layer ran, 0 where not. The default is "all" because the search trains the coefficients
+    with Adam, whose step does not scale with the gradient: a coefficient that gets the L1 gradient only
+    in the fraction p of the steps where its layer ran shrinks about sqrt(p) as fast (0.205 against 0.297
+    in 300 steps at p = 0.5, 1/p or not), so the shallow layers, which run every step, lose their neurons
+    first. Measured (bench/earlybert_pld_bias.py, docs/benchmarks.md): with "ran" or "ran_unscaled" the
+    first layers lost 84-98% of their neurons and the last ones none, while "all" pruned each layer about
+    as the search without PLD did."""
     if layers not in PENALTY_LAYERS:
         raise ValueError(f"layers must be one of {', '.join(PENALTY_LAYERS)}, got {layers!r}")
     if gates is None or layers == "all":
@@ -200,10 +203,10 @@ def l1_penalty(model: nn.Module, lambda_heads: float, lambda_neurons: float,
 
 
 def add_penalty_to_loss(model: nn.Module, lambda_heads: float, lambda_neurons: float,
-                        layers: str = "ran") -> RemovableHandle:
+                        layers: str = "all") -> RemovableHandle:
     """A forward hook that adds the L1 penalty to `output.loss` in training mode (not in evaluation), so
-    PLDEngine.train_batch and any loop that backpropagates `out.loss` optimise it unchanged. Under PLD the
-    penalty covers the layers that ran, as penalty_weights(output.gates, layers) says. The penalty is also
+    PLDEngine.train_batch and any loop that backpropagates `out.loss` optimise it unchanged. Under PLD each
+    layer's terms are weighted as penalty_weights(output.gates, layers) says. The penalty is also
     put in `output.l1_penalty` (detached) where the output has that field, so it can be logged apart from
     the MLM and NSP losses."""
     bert = _bert(model)
@@ -526,7 +529,7 @@ class TicketSearch:
     """
 
     def __init__(self, model: nn.Module, cfg: EarlyBertConfig, *, penalty_in_loss: bool = True,
-                 penalty_layers: str = "ran") -> None:
+                 penalty_layers: str = "all") -> None:
         bert = enable_slimming(_bert(model))
         _refuse_zero3(bert)
         self.cfg = cfg

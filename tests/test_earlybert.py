@@ -410,9 +410,9 @@ def coefficient_grads(model, batch, **kwargs):
                  for h, n in zip(heads, neurons, strict=True)]
 
 
-def test_l1_pull_reaches_only_the_layers_that_ran_scaled_by_one_over_p(batch):
-    """A dropped layer gets no data gradient, so it must get no L1 pull either; a kept one gets lambda/p
-    times sign(c) on top of its data gradient, the 1/p its output was scaled by."""
+def l1_pull_under_pld(batch, layers):
+    """(gates, output, per layer (head pull, neuron pull, coefficients)): the L1 part of each coefficient's
+    gradient in a PLD step that drops some layers, with the penalty placed as `layers` says."""
     model = slimming_model().train()
     randomize_coefficients(model)
     with torch.no_grad():  # signs of both kinds, so the pull is not the same sign everywhere
@@ -421,22 +421,40 @@ def test_l1_pull_reaches_only_the_layers_that_ran_scaled_by_one_over_p(batch):
     step = dropping_step(0.4)
     pld_kwargs = dict(progressive_layer_drop=True, pld_theta=0.4)
     out, data_only = coefficient_grads(model, batch, **pld_kwargs, pld_generator=pld.gate_generator(0, step, 0))
-    handle = earlybert.add_penalty_to_loss(model, lambda_heads=0.5, lambda_neurons=0.25)
+    handle = earlybert.add_penalty_to_loss(model, lambda_heads=0.5, lambda_neurons=0.25, layers=layers)
     out, with_l1 = coefficient_grads(model, batch, **pld_kwargs, pld_generator=pld.gate_generator(0, step, 0))
     handle.remove()
     gates = pld.sample_gates(4, 0.4, pld.gate_generator(0, step, 0))  # what the forward drew
-    assert any(not kept for kept, _ in gates) and any(kept for kept, _ in gates)
-    heads, neurons = earlybert.coefficients(model)
-    for (kept, keep_prob), (dh, dn), (lh, ln), head, neuron in zip(gates, data_only, with_l1, heads, neurons,
-                                                                   strict=True):
+    assert any(not kept for kept, _ in gates) and any(kept for kept, _ in gates) and out.gates == gates
+    pulls = [(lh - dh, ln - dn, (head.detach(), neuron.detach())) for (dh, dn), (lh, ln), head, neuron
+             in zip(data_only, with_l1, *earlybert.coefficients(model), strict=True)]
+    return gates, out, pulls
+
+
+def test_by_default_the_l1_pull_reaches_every_layer_as_without_pld(batch):
+    """Adam steps a coefficient by about lr whatever its gradient's size, so a layer pulled only in the steps
+    it ran would shrink slower than one that always runs: by default every layer, dropped or not, gets
+    lambda * sign(c) in every step, as without PLD."""
+    gates, out, pulls = l1_pull_under_pld(batch, "all")
+    for head_pull, neuron_pull, (head, neuron) in pulls:
+        torch.testing.assert_close(head_pull, 0.5 * head.sign())
+        torch.testing.assert_close(neuron_pull, 0.25 * neuron.sign())
+    assert earlybert.TicketSearch.__init__.__kwdefaults__["penalty_layers"] == "all"
+
+
+def test_l1_pull_on_the_layers_that_ran_only_scaled_by_one_over_p(batch):
+    """layers="ran" (kept for measurement): no pull on a dropped layer, lambda/p times sign(c) on a kept one,
+    the 1/p its output was scaled by; the logged penalty is what the loss carries."""
+    gates, out, pulls = l1_pull_under_pld(batch, "ran")
+    for (kept, keep_prob), (head_pull, neuron_pull, (head, neuron)) in zip(gates, pulls, strict=True):
         if not kept:
-            assert not lh.any() and not ln.any()
+            assert not head_pull.any() and not neuron_pull.any()
         else:
             assert keep_prob < 1
-            torch.testing.assert_close(lh - dh, 0.5 / keep_prob * head.detach().sign())
-            torch.testing.assert_close(ln - dn, 0.25 / keep_prob * neuron.detach().sign())
-    assert out.gates == gates
-    weights = earlybert.penalty_weights(gates)
+            torch.testing.assert_close(head_pull, 0.5 / keep_prob * head.sign())
+            torch.testing.assert_close(neuron_pull, 0.25 / keep_prob * neuron.sign())
+    heads, neurons = [c for _, _, (c, _) in pulls], [c for _, _, (_, c) in pulls]
+    weights = earlybert.penalty_weights(gates, "ran")
     expected = sum(w * (0.5 * h.abs().sum() + 0.25 * n.abs().sum()) for w, h, n in zip(weights, heads, neurons,
                                                                                        strict=True))
     assert out.l1_penalty.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -445,13 +463,13 @@ def test_l1_pull_reaches_only_the_layers_that_ran_scaled_by_one_over_p(batch):
 
 def test_penalty_weights_per_choice():
     gates = [(True, 1.0), (False, 0.75), (True, 0.5)]
-    assert earlybert.penalty_weights(gates) == [1.0, 0.0, 2.0]
+    assert earlybert.penalty_weights(gates) is None  # "all": every layer, unscaled, as without PLD
+    assert earlybert.penalty_weights(gates, "ran") == [1.0, 0.0, 2.0]
     assert earlybert.penalty_weights(gates, "ran_unscaled") == [1.0, 0.0, 1.0]
-    assert earlybert.penalty_weights(gates, "all") is None
-    assert earlybert.penalty_weights(None) is None  # no PLD: every layer, unscaled
-    # over the gates, the expected weight of every layer is 1: the penalty without PLD
+    assert earlybert.penalty_weights(None, "ran") is None  # no PLD: every layer, unscaled
+    # "ran": over the gates, the expected weight of every layer is 1
     g = pld.gate_generator(0, 0, 0)
-    draws = [earlybert.penalty_weights(pld.sample_gates(4, 0.5, g)) for _ in range(4000)]
+    draws = [earlybert.penalty_weights(pld.sample_gates(4, 0.5, g), "ran") for _ in range(4000)]
     for layer_weights in zip(*draws, strict=True):
         assert sum(layer_weights) / len(draws) == pytest.approx(1.0, abs=0.06)
     with pytest.raises(ValueError, match="ran_unscaled"):
