@@ -3,7 +3,8 @@ keep any device busy, so what is timed is Python, kernel launches and DeepSpeed'
 
     python bench/host_overhead.py [--layers 12] [--precision fp32 amp-bf16] [--theta 1 0.5]
 
-The model has BERT-base's parameter structure (12 layers of 12 tensors, 160 in all) at width 32. On a
+The model has BERT-base's parameter structure (12 layers of 12 tensors, 160 in all) at width 32;
+--layers 24 gives BERT-large's (304 tensors), the count the engine's per-tensor host work scales with. On a
 GPU a step whose host time exceeds its kernel time is host-bound, and then no kernel fusion and no
 dropped layer makes it faster: this is the part of the engine's step that a GPU cannot hide. Rows: milliseconds per
 step, median of repeats, and the ratio to the plain loop of the same precision.
@@ -12,6 +13,7 @@ step, median of repeats, and the ratio to the plain loop of the same precision.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -21,8 +23,10 @@ from pld_ds.bench import ds_config, synthetic_batch
 from pld_ds.engine import PLDEngine
 from pld_ds.model import BertConfig, BertForPreTraining
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-def timed(step, warmup: int, steps: int, repeats: int) -> float:
+
+def timed(step, warmup: int, steps: int, repeats: int, clock=time.perf_counter) -> float:
     """Median milliseconds per step."""
     cuda = torch.cuda.is_available()
     for _ in range(warmup):
@@ -31,12 +35,12 @@ def timed(step, warmup: int, steps: int, repeats: int) -> float:
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(steps):
             step()
         if cuda:
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / steps * 1e3)
+        times.append((clock() - start) / steps * 1e3)
     return statistics.median(times)
 
 
@@ -57,7 +61,7 @@ def plain(cfg: BertConfig, precision: str, device: torch.device, args: argparse.
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed(step, args.warmup, args.steps, args.repeats)
+    return timed(step, args.warmup, args.steps, args.repeats, CLOCKS[args.clock])
 
 
 def engine(cfg: BertConfig, precision: str, theta: float, args: argparse.Namespace) -> float:
@@ -70,7 +74,7 @@ def engine(cfg: BertConfig, precision: str, theta: float, args: argparse.Namespa
         eng.backward(out.loss)
         eng.step()
 
-    ms = timed(step, args.warmup, args.steps, args.repeats)
+    ms = timed(step, args.warmup, args.steps, args.repeats, CLOCKS[args.clock])
     eng.engine.destroy()
     return ms
 
@@ -86,12 +90,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="cpu: this process's CPU time (all its threads), steadier than wall time on a shared CPU")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = BertConfig(vocab_size=128, hidden_size=32, num_layers=args.layers, num_heads=2, intermediate_size=64,
                      max_position_embeddings=max(16, args.seq_len))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {device}, {args.layers} layers, width 32, micro-batch {args.micro_batch}, seq {args.seq_len}")
+    tensors = sum(1 for _ in BertForPreTraining(cfg).parameters())
+    print(f"device {device}, {args.layers} layers ({tensors} parameter tensors), width 32, micro-batch "
+          f"{args.micro_batch}, seq {args.seq_len}, {args.clock} clock, load average {os.getloadavg()[0]:.1f}")
     print("| precision | loop | theta | ms/step | vs plain |\n|---|---|---|---|---|")
     for precision in args.precision:
         base = plain(cfg, precision, device, args)

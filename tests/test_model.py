@@ -301,6 +301,25 @@ def test_compiled_layers_never_break_the_graph_or_recompile_across_gate_patterns
     assert graphs[0][0] <= 3 and graphs[1] == graphs[0]
 
 
+def test_compiled_layers_see_a_bounded_number_of_graphs_over_length_buckets():
+    """Batches cut to three bucket lengths (ShardBatches(length_buckets=...)), twice over, under PLD: the
+    graph count is fixed after the first pass and at most one per bucket, with no graph break."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(seed=6).compile_layers(backend="eager")
+    counts = []
+    for rounds in range(2):
+        for width in (16, 24, 32):
+            out = model(**synthetic_batch(batch=4, seq_len=width, seed=width), progressive_layer_drop=True,
+                        pld_theta=0.6, pld_generator=pld.gate_generator(0, rounds, width))
+            out.loss.backward()
+        counts.append(counters["stats"]["unique_graphs"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counts[0] == counts[1] <= 3
+
+
 # -- the unpadded path ----------------------------------------------------------------------------
 
 
