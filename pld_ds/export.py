@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 
 from pld_ds import checkpoint
-from pld_ds.config import ConfigError, model_config, read_json
+from pld_ds.config import ConfigError, model_config, padded_vocab_size, read_json
 from pld_ds.data.schema import MANIFEST_NAME
 from pld_ds.errors import ArgumentParser, UserError, one_line_errors
 from pld_ds.model import BertConfig, BertForPreTraining
@@ -394,6 +395,10 @@ def find_vocab(checkpoint: Checkpoint, vocab: str | Path | None = None, lowercas
     if len(tokens) > checkpoint.config.vocab_size:
         raise UserError(f"{path}: {len(tokens)} tokens, more than the model's "
                         f"{checkpoint.config.vocab_size} embeddings")
+    if checkpoint.config.vocab_size > padded_vocab_size(len(tokens)):  # beyond the rounding up for alignment
+        print(f"pld-export: warning: {path}: {len(tokens)} tokens for the model's {checkpoint.config.vocab_size} "
+              f"embedding rows: rows {len(tokens)} on were never trained (--vocab-size above the shards' "
+              "vocabulary?); the export keeps them, and the tokenizer never produces their ids", file=sys.stderr)
     if lowercase is None:
         lowercase = manifest_lowercase if manifest_lowercase is not None else looks_lowercase(tokens)
     return Vocab(path, tokens, lowercase)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -371,6 +372,21 @@ def test_missing_run_config_needs_model_flag(tmp_path, runs):
     (tmp_path / "v.txt").write_text("\n".join(FIXTURE_VOCAB))
     vocab = find_vocab(ckpt, tmp_path / "v.txt")
     assert vocab.lowercase is True and vocab.id("[MASK]") == 4
+
+
+def test_vocab_far_smaller_than_the_embedding_is_named(tmp_path, capsys):
+    """Shards of a 100-token vocabulary trained under --vocab-size 30522: 30,528 rows, 100 of them ever used."""
+    from pld_ds.export import Checkpoint
+
+    (tmp_path / "v.txt").write_text("\n".join(SPECIALS_PAD_2 + WORDS + [f"w{i}" for i in range(82)]))
+    for rows, warned in ((128, False), (192, True), (30528, True)):
+        ckpt = Checkpoint({}, dataclasses.replace(tiny_config(), vocab_size=rows), tmp_path / "global_step1")
+        assert len(find_vocab(ckpt, tmp_path / "v.txt").tokens) == 100
+        err = capsys.readouterr().err
+        assert (err != "") == warned, (rows, err)
+        if warned:
+            assert err.startswith(f"pld-export: warning: {tmp_path / 'v.txt'}: 100 tokens for the model's {rows} "
+                                  "embedding rows: rows 100 on were never trained") and err.count("\n") == 1
 
 
 # -- refusing what must not run or be overwritten -------------------------------------------------
