@@ -255,10 +255,30 @@ def test_resumed_ouroboros_run_continues_exactly(two_stages):
     assert sorted(r["checksum"] for r in resumed) == sorted(r["checksum"] for r in straight)
 
 
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return run_worker(tmp_path_factory.mktemp("pipe4"), 4, [
+        {"name": "zero1", "stages": 2, "steps": 6, "zero": 1, "clip": 0.0, "reference": True},
+        {"name": "ouro4", "stages": 4, "steps": 12, "schedule": "ouroboros", "pld": True},
+        {"name": "ouro4_resumed", "stages": 4, "steps": 12, "schedule": "ouroboros", "pld": True, "resume_at": 5},
+    ])
+
+
 @pytest.mark.slow
-def test_two_stages_two_replicas_with_zero1(tmp_path):
-    result = run_worker(tmp_path, 4, [{"name": "zero1", "stages": 2, "steps": 6, "zero": 1, "clip": 0.0,
-                                       "reference": True}])
+def test_four_stages_of_one_layer_with_ouroboros(four_ranks):
+    """K = 4 on four ranks: staleness 3, 2, 1, 0; it trains, the tied copies agree, and it resumes exactly."""
+    ranks = sorted(four_ranks["runs"]["ouro4"], key=lambda r: r["stage"])
+    assert [r["layer_ids"] for r in ranks] == [[0], [1], [2], [3]]
+    assert [r["records"][-1]["staleness"] for r in ranks] == [3, 2, 1, 0]
+    losses = losses_of(ranks)
+    assert all(math.isfinite(v) for v in losses) and tail_mean(losses, 3) < losses[0]
+    assert len({r["tied"] for r in ranks if r["tied"]}) == 1
+    assert losses_of(four_ranks["runs"]["ouro4_resumed"]) == losses
+
+
+@pytest.mark.slow
+def test_two_stages_two_replicas_with_zero1(four_ranks):
+    result = four_ranks
     ranks = result["runs"]["zero1"]
     assert sorted((r["stage"], r["dp_rank"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     # the replicas' mean loss is one process's loss over both replicas' micro-batches
