@@ -337,7 +337,8 @@ def test_cli_sweep_over_all_tasks_writes_summary(run_dir, glue_dir, tmp_path, ca
     for task, metric in (("RTE", "accuracy"), ("MRPC", "f1"), ("CoLA", "mcc"), ("STS-B", "spearman")):
         assert f"| {task} | {metric} | {best[task]['score']:.4f} |" in summary
     table_lines = [line for line in summary.splitlines() if line.startswith("| ")]
-    assert len(table_lines) == (1 + 5 + 1) + (1 + 10) and table_lines[6].startswith("| average |")
+    # best per task + average, one row per setting against the constant baseline, every run
+    assert len(table_lines) == (1 + 5 + 1) + (1 + 10) + (1 + 10) and table_lines[6].startswith("| average |")
 
 
 @pytest.mark.slow
@@ -504,3 +505,31 @@ def test_progress_is_printed_within_each_epoch():
     assert all("train_loss" in line and "examples/s" in line and "epoch" in line for line in progress)
     assert "epoch 1/2" in progress[0] and "epoch 2/2" in progress[-1]
     assert [i for i, line in enumerate(lines) if "epoch 1/2  train_loss" in line] == [3]
+
+
+def test_constant_baseline_beside_the_seeds():
+    from pld_ds.finetune.run import RunResult, constant_prediction, summary_markdown
+
+    sst2, stsb = get_task("sst-2"), get_task("sts-b")
+    assert constant_prediction(sst2, torch.tensor([1, 0, 1, 1])) == 1.0
+    assert constant_prediction(sst2, torch.tensor([1, 0])) == 0.0  # a tie: the smallest id
+    assert constant_prediction(stsb, torch.tensor([1.0, 2.0, 4.5])) == pytest.approx(2.5)
+    results = []
+    for seed, (acc, rte_acc) in enumerate([(0.80, 0.50), (0.84, 0.56), (0.82, 0.47)]):
+        for task, score, base in (("sst-2", acc, 0.51), ("rte", rte_acc, 0.53)):
+            r = RunResult(task, HParams(lr=3e-5, batch_size=32, epochs=3, seed=seed), 100, 50, {"accuracy": score})
+            r.baseline = {"accuracy": base}
+            results.append(r)
+    text = summary_markdown(results, "run")
+    assert "| sst-2 | accuracy | 3e-05 | 32 | 3 | 3 | 0.8200 ± 0.0200 | 0.5100 | yes |" in text
+    assert "| rte | accuracy | 3e-05 | 32 | 3 | 3 | 0.5100 ± 0.0458 | 0.5300 | no |" in text
+
+
+def test_runs_record_the_constant_baseline():
+    task = get_task("sst-2")
+    ids = [[1, 2, 3]] * 10
+    train = Encoded(ids, [[0] * 3] * 10, torch.tensor([1] * 7 + [0] * 3))
+    dev = Encoded(ids[:4], [[0] * 3] * 4, torch.tensor([1, 1, 1, 0]))
+    result = train_and_evaluate(task, _BagBackbone(), train, dev, HParams(lr=1e-2, batch_size=5, epochs=1, seed=0),
+                                torch.device("cpu"), log=lambda _: None)
+    assert result.baseline == {"accuracy": 0.75}  # always 1, the training majority

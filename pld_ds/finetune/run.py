@@ -181,6 +181,7 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: train loss and dev metrics
     seconds: float = 0.0
     ticket: dict[str, Any] | None = None  # with --earlybert: when the ticket was drawn and what it saves
+    baseline: dict[str, float] = field(default_factory=dict)  # dev metrics of constant_prediction
 
     def headline(self) -> float:
         return self.metrics[get_task(self.task).metrics[0]]
@@ -243,6 +244,14 @@ def predict(task: Task, model: nn.Module, data: Encoded, hp: HParams, pad_id: in
     return predictions
 
 
+def constant_prediction(task: Task, train_labels: torch.Tensor) -> float:
+    """What a model that ignores its input predicts: the training set's majority class (the smallest id on a
+    tie), or its mean score for a regression task (whose correlations are then 0)."""
+    if task.labels is None:
+        return float(train_labels.float().mean())
+    return float(torch.bincount(train_labels.long(), minlength=task.num_labels).argmax())
+
+
 def train_and_evaluate(task: Task, backbone: Backbone, train: Encoded, dev: Encoded, hp: HParams,
                        device: torch.device, log: Callable[[str], None] = print,
                        earlybert_cfg: Any = None) -> RunResult:
@@ -268,6 +277,7 @@ def train_and_evaluate(task: Task, backbone: Backbone, train: Encoded, dev: Enco
     optimizer, scheduler = optimizer_and_schedule(0)
     order = torch.Generator().manual_seed(hp.seed)
     result = RunResult(task.name, hp, len(train), len(dev), {})
+    result.baseline = task_metrics(task, [constant_prediction(task, train.labels)] * len(dev), dev.labels.tolist())
     step = 0
     log_every = hp.log_every or max(1, steps_per_epoch // 10)
     for epoch in range(1, hp.epochs + 1):
@@ -376,6 +386,23 @@ def summary_markdown(results: Sequence[RunResult], init: str) -> str:
     if len(best) > 1:
         mean = sum(r.headline() for r in best.values()) / len(best)
         lines.append(f"| average | | {mean:.4f} | | | | | |")
+    lines += ["", "## Against the constant baseline", "",
+              "Each setting's headline metric over its seeds (mean ± sd) next to the same metric of a constant "
+              "prediction (the majority class of the training set; for STS-B its mean score, correlation 0). "
+              "`above` says yes when the mean minus one sd is still above the baseline.", "",
+              "| task | metric | lr | batch | epochs | seeds | score | constant baseline | above |",
+              "|---|---|---:|---:|---:|---:|---|---:|---|"]
+    groups: dict[tuple, list[RunResult]] = {}
+    for r in results:
+        groups.setdefault((r.task, r.hparams.lr, r.hparams.batch_size, r.hparams.epochs), []).append(r)
+    for (task, lr, batch, epochs), runs in groups.items():
+        metric = get_task(task).metrics[0]
+        scores = [r.headline() for r in runs]
+        mean = sum(scores) / len(scores)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in scores) / (len(scores) - 1)) if len(scores) > 1 else 0.0
+        base = runs[0].baseline.get(metric, float("nan"))
+        lines.append(f"| {task} | {metric} | {lr:g} | {batch} | {epochs} | {len(runs)} | {mean:.4f} ± {sd:.4f} | "
+                     f"{base:.4f} | {'yes' if mean - sd > base else 'no'} |")
     lines += ["", "## All runs", "",
               "| task | lr | batch | epochs | seed | train | dev | metrics | seconds |",
               "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
