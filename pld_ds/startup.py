@@ -109,6 +109,17 @@ class _LineFilter(io.TextIOBase):
     def __init__(self, target: Any) -> None:
         self.target, self.pending = target, ""
 
+    # what code that inspects sys.stdout asks of it (a terminal? which descriptor?): the real stream's answers
+    def fileno(self) -> int:
+        return self.target.fileno()
+
+    def isatty(self) -> bool:
+        return self.target.isatty()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.target, "encoding", "utf-8")
+
     def write(self, text: str) -> int:
         self.pending += text
         *lines, self.pending = self.pending.split("\n")

@@ -704,6 +704,17 @@ def test_output_that_cannot_be_a_folder_fails_before_deepspeed_starts(tmp_path: 
         assert_names(pretrain_error(capsys, args), fragment, "expected a folder")
 
 
+def test_without_noise_drops_only_deepspeeds_every_run_lines(capfd: pytest.CaptureFixture[str]) -> None:
+    from pld_ds.startup import without_noise
+
+    with without_noise():
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("a line that matters\nand another", end="")
+        assert isinstance(sys.stdout.isatty(), bool) and sys.stdout.encoding
+    print(" one")
+    assert capfd.readouterr().out == "a line that matters\nand another one\n"
+
+
 def test_op_build_locks_are_reported_and_a_stale_one_named(tmp_path: Path) -> None:
     """torch waits for an op build's lock file forever and silently: a killed build hung every later start."""
     import os
