@@ -163,7 +163,7 @@ def test_there_are_shipped_configs():
 def test_shipped_config_is_accepted_by_deepspeed(path):
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    remainder, pld_cfg, source = split_ds_config(path)
+    remainder, pld_cfg, source = split_ds_config(path, pipeline_engine=True)  # pipeline configs too
     assert source == str(path)
     assert PLD_KEY in json.loads(path.read_text())
     assert 0.0 < pld_cfg.theta <= 1.0 and pld_cfg.gamma >= 0.0
