@@ -442,6 +442,28 @@ def test_by_default_the_l1_pull_reaches_every_layer_as_without_pld(batch):
     assert earlybert.TicketSearch.__init__.__kwdefaults__["penalty_layers"] == "all"
 
 
+@pytest.mark.parametrize("layers", ["all", "ran", "ran_unscaled"])
+def test_under_adam_only_the_default_shrinks_dropped_and_kept_layers_alike(layers):
+    """Why the default is "all": Adam steps a coefficient by about lr whatever the gradient's size, so a
+    layer that gets the L1 gradient in only half the steps (dropped in the others) shrinks about sqrt(1/2)
+    as fast, with 1/p or without, and the ranking then prunes the layers that always run first."""
+    model = slimming_model()
+    optimizer = torch.optim.AdamW([c for pair in zip(*earlybert.coefficients(model), strict=True) for c in pair],
+                                  lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+    for step in range(100):
+        gates = [(True, 1.0), (step % 2 == 0, 0.5), (True, 1.0), (True, 1.0)]  # layer 1 runs every other step
+        optimizer.zero_grad(set_to_none=False)  # dropped: a zero gradient, as DeepSpeed gives it
+        earlybert.l1_penalty(model, 1e-4, 1e-4, earlybert.penalty_weights(gates, layers)).backward()
+        optimizer.step()
+    heads, neurons = earlybert.coefficients(model)
+    shrink = [1 - float(c.detach().mean()) for c in neurons]
+    assert shrink[0] == pytest.approx(shrink[2]) and shrink[0] > 0.05
+    if layers == "all":
+        assert shrink[1] == pytest.approx(shrink[0], rel=1e-6)
+    else:
+        assert shrink[1] < 0.8 * shrink[0]
+
+
 def test_l1_pull_on_the_layers_that_ran_only_scaled_by_one_over_p(batch):
     """layers="ran" (kept for measurement): no pull on a dropped layer, lambda/p times sign(c) on a kept one,
     the 1/p its output was scaled by; the logged penalty is what the loss carries."""
