@@ -116,8 +116,8 @@ def test_report_time_to_the_references_final_loss(tmp_path):
     assert pld_run["samples_to_target"] == 30 * 16
     assert pld_run["time_ratio"] == pytest.approx(400 / 240)
     assert pld_run["time_per_sample_vs_reference"] == pytest.approx(10 / 12.5)  # medians: the slow interval is out
-    assert "| pld | pre | on (0.5, 0.01) | 0.003 | 4.1000 | 1/1 | 480 | 240 | 1.67 | 0.800 |" in text
-    assert "**pld** reaches 4.2000 sooner than baseline: 1.67x its speed." in text
+    assert "| pld | pre | on (0.5, 0.01) | 0.003 | 4.1000 | 1/1 | 480 | 240 | 1.67 | 1.33 | 0.800 |" in text
+    assert "**pld** reaches 4.2000 sooner than baseline: 1.67x its speed, 1.33x in samples." in text
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -136,7 +136,7 @@ def test_report_means_and_spreads_over_seeds(tmp_path):
     assert [result["arms"]["fast"][s]["time_ratio"] for s in ("1", "2")] == [pytest.approx(4.0), pytest.approx(2.0)]
     assert result["arms"]["fast"]["2"]["final_loss"] == pytest.approx(3.8)  # at the budget (step 20), not the cap
     assert "3.00 ± 1.41" in text and "| 4.0000 ± 0.1414 |" in text  # ratios 4 and 2; ref finals 4.1 and 3.9
-    assert "fast** reaches 4.0000 sooner than ref: 3.00x its speed (± 1.41 over 2 seeds)" in text
+    assert "fast** reaches 4.0000 sooner than ref: 3.00x its speed (± 1.41 over 2 seeds), 1.50x in samples" in text
 
 
 def test_report_when_an_arm_never_gets_there(tmp_path):
@@ -146,7 +146,7 @@ def test_report_when_an_arm_never_gets_there(tmp_path):
     write_run(out / "baseline", [(10, 10.0, 5.0), (20, 20.0, 4.0)], 1e9)
     write_run(out / "pld", [(10, 8.0, 5.5), (20, 16.0, 4.5), (30, 24.0, 4.2)], 1e9)
     text = compare.report(args, plan)
-    assert "**pld** does not reach 4.0000 within the cap of 30 steps (its best: 4.2000)" in text
+    assert "**pld** does not reach 4.0000 in the 30 steps it ran (cap 30; its best: 4.2000)" in text
     assert json.loads((out / "report.json").read_text())["arms"]["pld"]["42"]["time_ratio"] is None
 
 
