@@ -100,27 +100,71 @@ def read_json(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
     return data
 
 
-def split_ds_config(config: str | Path | dict[str, Any], *, pipeline_engine: bool = False
+def split_ds_config(config: str | Path | dict[str, Any] | RunConfig, *, pipeline_engine: bool = False
                     ) -> tuple[dict[str, Any], PLDConfig, str]:
     """(DeepSpeed config without our blocks, the PLD settings, a name for messages).
 
     A `pipeline` block is validated and taken out too (pipeline_config reads it); one with more than one stage
     is an error unless the caller is the pipeline engine: DeepSpeed would ignore it and train data parallel.
     """
+    if isinstance(config, RunConfig):  # read and validated already
+        _refuse_stages(config.pipeline, config.source, pipeline_engine)
+        return dict(config.ds_config), config.pld, config.source
+    source, ds_config = _read_ds_config(config)
+    ds_config, pld, _ = _take_our_blocks(ds_config, source, pipeline_engine)
+    return ds_config, pld, source
+
+
+def _read_ds_config(config: str | Path | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(a name for messages, a copy of the config's top level)."""
     if isinstance(config, dict):
-        source, ds_config = "DeepSpeed config", dict(config)
-    else:
-        source, ds_config = str(config), read_json(config, "DeepSpeed config")
+        return "DeepSpeed config", dict(config)
+    return str(config), read_json(config, "DeepSpeed config")
+
+
+def _take_our_blocks(ds_config: dict[str, Any], source: str, pipeline_engine: bool
+                     ) -> tuple[dict[str, Any], PLDConfig, PipelineConfig]:
+    """Pops progressive_layer_drop (validated), earlybert (RunConfig validates it) and pipeline (validated)."""
     # Only a missing block means "PLD off": "progressive_layer_drop": null is an error like any non-object.
     pld = PLDConfig.from_dict(ds_config.pop(PLD_KEY), source) if PLD_KEY in ds_config else PLDConfig()
-    ds_config.pop("earlybert", None)  # ours too: pld_ds.earlybert.EarlyBertConfig.from_ds_config reads it
+    ds_config.pop("earlybert", None)  # ours too: pld_ds.earlybert.EarlyBertConfig reads it
+    pipe = PipelineConfig()
     if PIPELINE_KEY in ds_config:
         pipe = PipelineConfig.from_dict(ds_config.pop(PIPELINE_KEY), source)
-        if pipe.stages > 1 and not pipeline_engine:
-            raise ConfigError(f"{source}: {PIPELINE_KEY}.stages: {pipe.stages} stages need the pipeline engine "
-                              "(pld-pretrain, or pld_ds.pipeline.make_engine); this command trains data parallel "
-                              "only: remove the block or set stages to 1")
-    return ds_config, pld, source
+        _refuse_stages(pipe, source, pipeline_engine)
+    return ds_config, pld, pipe
+
+
+def _refuse_stages(pipe: PipelineConfig, source: str, pipeline_engine: bool) -> None:
+    if pipe.stages > 1 and not pipeline_engine:
+        raise ConfigError(f"{source}: {PIPELINE_KEY}.stages: {pipe.stages} stages need the pipeline engine "
+                          "(pld-pretrain, or pld_ds.pipeline.make_engine); this command trains data parallel "
+                          "only: remove the block or set stages to 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's DeepSpeed JSON, read and validated once: DeepSpeed's own keys (``ds_config``, handed to
+    deepspeed.initialize untouched) and our blocks, each typed. split_ds_config, pipeline_config,
+    EarlyBertConfig.from_ds_config and so the engines and make_engine take it wherever they take a path or dict."""
+
+    source: str  # a name for messages: the file, or "DeepSpeed config" for a dict
+    ds_config: dict[str, Any]  # without our blocks; split_ds_config hands out copies
+    pld: PLDConfig
+    pipeline: PipelineConfig
+    earlybert: Any  # pld_ds.earlybert.EarlyBertConfig (that module builds on this one, so not imported here)
+
+    @classmethod
+    def read(cls, config: str | Path | dict[str, Any] | RunConfig) -> RunConfig:
+        if isinstance(config, RunConfig):
+            return config
+        from pld_ds.earlybert import EARLYBERT_KEY, EarlyBertConfig
+
+        source, ds_config = _read_ds_config(config)
+        has_earlybert, earlybert = EARLYBERT_KEY in ds_config, ds_config.get(EARLYBERT_KEY)
+        ds_config, pld, pipe = _take_our_blocks(ds_config, source, pipeline_engine=True)
+        eb = EarlyBertConfig.from_dict(earlybert, source) if has_earlybert else EarlyBertConfig()
+        return cls(source=source, ds_config=ds_config, pld=pld, pipeline=pipe, earlybert=eb)
 
 
 PIPELINE_KEY = "pipeline"
@@ -206,8 +250,10 @@ class PipelineConfig:
                               "model, while a stage runs its own backward passes at its own times")
 
 
-def pipeline_config(config: str | Path | dict[str, Any]) -> tuple[PipelineConfig, str]:
+def pipeline_config(config: str | Path | dict[str, Any] | RunConfig) -> tuple[PipelineConfig, str]:
     """The `pipeline` block of a DeepSpeed config (defaults when absent: one stage), and a name for messages."""
+    if isinstance(config, RunConfig):
+        return config.pipeline, config.source
     source, ds_config = (("DeepSpeed config", config) if isinstance(config, dict)
                          else (str(config), read_json(config, "DeepSpeed config")))
     block = ds_config.get(PIPELINE_KEY)

@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pld_ds import checkpoint as ckpt_io
 from pld_ds import pld
-from pld_ds.config import ConfigError, PipelineConfig, pipeline_config, read_json, split_ds_config
+from pld_ds.config import ConfigError, PipelineConfig, RunConfig, pipeline_config, split_ds_config
 from pld_ds.data.schema import IGNORE_INDEX
 from pld_ds.model import BertConfig, BertForPreTraining, PretrainingOutput
 
@@ -758,17 +758,16 @@ class PipelineEngine:
         return client
 
 
-def make_engine(model: BertForPreTraining, config: str | Path | dict[str, Any], *, seed: int = 0,
+def make_engine(model: BertForPreTraining, config: str | Path | dict[str, Any] | RunConfig, *, seed: int = 0,
                 output_dir: str | Path | None = None, **kwargs: Any) -> Any:
     """PipelineEngine when the config's `pipeline` block has more than one stage, else PLDEngine."""
-    pipe, source = pipeline_config(config)
-    if pipe.stages <= 1:
+    config = RunConfig.read(config)  # read and validated once; the engine takes the typed object on
+    source = config.source
+    if config.pipeline.stages <= 1:
         from pld_ds.engine import PLDEngine
 
         return PLDEngine(model, config, seed=seed, output_dir=output_dir, **kwargs)
-    raw = config if isinstance(config, dict) else read_json(config, "DeepSpeed config")
-    earlybert = raw.get("earlybert")
-    if isinstance(earlybert, dict) and earlybert.get("enabled"):
+    if config.earlybert.enabled:
         raise ConfigError(f"{source}: earlybert.enabled: the EarlyBERT search is not supported with a pipeline "
                           "(expected pipeline.stages 1): the ticket is drawn over every layer at once")
     if getattr(model.encoder, "compiled", False):
