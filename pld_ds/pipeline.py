@@ -650,7 +650,8 @@ class PipelineEngine:
         if norm is not None:
             scalars["train/grad_norm"] = float(norm)
         mine = torch.tensor([float(self.stage_index), float(self.staleness()),
-                             self._idle / self._wall if self._wall else 0.0], dtype=torch.float64)
+                             self._idle / self._wall if self._wall else 0.0], dtype=torch.float64,
+                            device=self.device)  # NCCL gathers device tensors only
         self._idle = self._wall = 0.0
         gathered = [torch.zeros_like(mine) for _ in range(self.num_stages)]
         dist.all_gather(gathered, mine, group=self.grid.pipe_group)
