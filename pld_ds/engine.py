@@ -22,7 +22,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.config import DeepSpeedConfigError
 
 from pld_ds import checkpoint, pld
-from pld_ds.config import ConfigError, PLDConfig, split_ds_config
+from pld_ds.config import ConfigError, PLDConfig, RunConfig, split_ds_config
 from pld_ds.errors import UserError
 
 try:
@@ -212,7 +212,7 @@ class PLDEngine:
     def __init__(
         self,
         model: torch.nn.Module,
-        config: str | Path | dict[str, Any],
+        config: str | Path | dict[str, Any] | RunConfig,
         *,
         seed: int = 0,
         output_dir: str | Path | None = None,
@@ -337,6 +337,21 @@ class PLDEngine:
     @property
     def micro_batch_size(self) -> int:
         return self.engine.train_micro_batch_size_per_gpu()
+
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        """(rank, size) for the data loader: every rank reads its own batches."""
+        dist = torch.distributed
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+    @property
+    def num_stages(self) -> int:
+        """Ranks per model replica: one (PipelineEngine has more)."""
+        return 1
+
+    def destroy(self) -> None:
+        """Release DeepSpeed's engine (its hooks and buffers), e.g. before EarlyBERT's slim model replaces it."""
+        self.engine.destroy()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

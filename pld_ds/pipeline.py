@@ -285,7 +285,7 @@ class PipelineEngine:
         self._theta_used: float | None = None
         self._gates_total: torch.Tensor | None = None  # per layer: kept, sum of p, draws (since start)
         self.grid = StageGrid(self.pipe.stages)
-        self.stage_index, self.num_stages = self.grid.stage, self.pipe.stages
+        self.stage_index = self.grid.stage
         costs = unit_costs(model.config, self.pipe.partition)
         self.bounds = partition_layers(costs, self.num_stages)
         stage = Stage(model, self.stage_index, self.num_stages, self.bounds[self.stage_index],
@@ -345,6 +345,11 @@ class PipelineEngine:
     def data_parallel(self) -> tuple[int, int]:
         """(rank, size) for the data loader: every stage of a replica reads the same batches."""
         return self.grid.dp_rank, self.grid.dp
+
+    @property
+    def num_stages(self) -> int:
+        """K: the ranks that hold the stages of one replica (and count its samples once)."""
+        return self.pipe.stages
 
     def get_pld_theta(self) -> float:
         """theta of the next step."""

@@ -89,6 +89,7 @@ class DataOnlyEngine:
 
     micro_batch_size = 4
     global_steps = 0
+    data_parallel, num_stages = (0, 1), 1  # what the loop's interface (pld_ds.engine_api) asks before the first step
 
     def __init__(self, model: Any, config: Any, **_: Any) -> None:
         self.module, self.ds_config = model, {}
