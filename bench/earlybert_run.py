@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", choices=earlybert.WEIGHTS, default="rewind")
     p.add_argument("--slim-steps", type=int, default=60, help="optimizer steps of the slim model after the draw")
     p.add_argument("--pld", type=float, metavar="THETA", help="PLD with this theta-bar (gamma 0.01) in both phases")
+    p.add_argument("--penalty-layers", choices=earlybert.PENALTY_LAYERS, default="all",
+                   help="under PLD, which layers the L1 term pulls on (see earlybert.penalty_weights)")
     p.add_argument("--timing-steps", type=int, default=5, help="timed steps per repeat (0: no timing)")
     p.add_argument("--timing-repeats", type=int, default=3)
     p.add_argument("--log-interval", type=int, default=10)
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     full_cfg = model_config(args.model, vocab_size=vocab_size)
     torch.manual_seed(args.seed)
     model = BertForPreTraining(dataclasses.replace(full_cfg, slimming=True))
-    search = TicketSearch(model, EarlyBertConfig.from_ds_config(config))
+    search = TicketSearch(model, EarlyBertConfig.from_ds_config(config), penalty_layers=args.penalty_layers)
     engine = PLDEngine(model, config, seed=args.seed)
     print(f"search: {args.model} ({earlybert.parameter_count(full_cfg) / 1e6:.2f}M params), seq {seq_len}, "
           f"micro-batch {args.micro_batch}, {engine.pld}, {search.cfg}", flush=True)
