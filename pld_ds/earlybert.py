@@ -33,8 +33,9 @@ without communicating. ZeRO-3 partitions them and is refused.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from pld_ds import metrics
-from pld_ds.config import ConfigError, _is_number, _show, read_json
+from pld_ds.config import ConfigError, RunConfig, _is_number, _show, read_json
 from pld_ds.model import BertConfig, BertForPreTraining, BertForSequenceClassification
 
 EARLYBERT_KEY = "earlybert"
@@ -106,8 +107,10 @@ class EarlyBertConfig:
         return cls(**values)
 
     @classmethod
-    def from_ds_config(cls, config: str | Path | dict[str, Any]) -> EarlyBertConfig:
-        """The block of a DeepSpeed JSON (file or dict); disabled when there is none."""
+    def from_ds_config(cls, config: str | Path | dict[str, Any] | RunConfig) -> EarlyBertConfig:
+        """The block of a DeepSpeed JSON (file, dict, or the RunConfig that read it); disabled when there is none."""
+        if isinstance(config, RunConfig):
+            return config.earlybert
         if isinstance(config, dict):
             source, ds_config = "DeepSpeed config", config
         else:
@@ -586,3 +589,82 @@ class TicketSearch:
         self.report = ticket_report(self.full_config, slim.config, emergence_step=self.emergence_step,
                                     drawn_at=self.last_step, weights=self.cfg.weights, seq_len=seq_len)
         return slim
+
+
+# -- search, then slim: the component pld-pretrain's loop calls ----------------------------------------
+
+TICKET_FILE = "ticket.json"  # the slim model's BertConfig, once the ticket is drawn
+RECORD_FILE = "earlybert.json"  # the search's outcome: steps, emergence, what was kept
+RUN_CONFIG_FILE = "run_config.json"  # the run's resolved settings; the draw puts the slim model in it
+
+
+def start_phase(cfg: EarlyBertConfig, model_cfg: BertConfig, output: Path, resuming: bool
+                ) -> tuple[BertConfig, int, bool]:
+    """(the model a run starts with, the step on the run's axis where its engine's step 0 lies, whether it
+    searches). A resumed run whose ticket was drawn continues the slim model from the step the search ended;
+    otherwise an EarlyBERT run searches from the start (the search keeps no checkpoints) on a model with
+    slimming coefficients."""
+    from pld_ds.config import model_config
+
+    if not cfg.enabled:
+        return model_cfg, 0, False
+    if resuming and (output / TICKET_FILE).is_file():
+        record = read_json(output / RECORD_FILE, "EarlyBERT record")
+        return model_config(str(output / TICKET_FILE)), int(record["search_steps"]), False
+    return dataclasses.replace(model_cfg, slimming=True), 0, True
+
+
+class SearchThenSlim:
+    """EarlyBERT in a training loop, called after every optimizer step. While the search runs it observes
+    the coefficients, writes each mask check (scalars, a console line); once the search is over it draws the
+    ticket, records it under the run's output folder (ticket.json, earlybert.json, the slim model in
+    run_config.json), releases the search's engine and returns the slim model's engine from ``build_engine``
+    with the step it starts at. Without a search (EarlyBERT off, or resumed in the slim phase) it does nothing.
+
+    ``resolved``: the run's settings as written to run_config.json (and into checkpoints); its "model" becomes
+    the slim model's. ``log``: prints a line once (rank 0); ``writes``: whether this rank writes the files."""
+
+    def __init__(self, search: TicketSearch | None, *, output: Path, resolved: dict[str, Any], seq_len: int,
+                 build_engine: Callable[[nn.Module], Any], compile_backend: str | None = None,
+                 log: Callable[[str], None] = print, writes: bool = True) -> None:
+        self.search, self.output, self.resolved, self.seq_len = search, Path(output), resolved, seq_len
+        self.build_engine, self.compile_backend, self.log, self.writes = build_engine, compile_backend, log, writes
+
+    @property
+    def searching(self) -> bool:
+        return self.search is not None
+
+    def after_step(self, step: int, engine: Any) -> tuple[Any, int] | None:
+        """After optimizer step ``step`` (on the run's axis): None, or (the slim model's engine, ``step``) once
+        the ticket is drawn; the engine passed in is then released."""
+        if self.search is None:
+            return None
+        over = self.search.observe(step, engine.module)
+        if (check := self.search.check_at(step)) is not None:
+            engine.write_scalars(check.scalars(), step)
+            self.log(check.line())
+        if not over:
+            return None
+        return self._draw(step, engine), step
+
+    def _draw(self, step: int, engine: Any) -> Any:
+        from pld_ds.checkpoint import write_text_atomic
+
+        search, self.search = self.search, None
+        slim = search.draw(engine.module, seq_len=self.seq_len)
+        report = search.report
+        for line in report.lines():
+            self.log(line)
+        engine.write_scalars(report.scalars(), step)
+        self.resolved["model"] = dataclasses.asdict(slim.config)
+        if self.writes:
+            write_text_atomic(self.output / TICKET_FILE, json.dumps(dataclasses.asdict(slim.config), indent=2))
+            record = {"search_steps": step, "emergence_step": report.emergence_step, "weights": report.weights,
+                      "kept_heads": list(report.kept_heads), "kept_neurons": list(report.kept_neurons),
+                      "param_reduction": report.param_reduction, "flop_reduction": report.flop_reduction}
+            write_text_atomic(self.output / RECORD_FILE, json.dumps(record, indent=2))
+            write_text_atomic(self.output / RUN_CONFIG_FILE, json.dumps(self.resolved, indent=2))
+        engine.destroy()
+        if self.compile_backend:
+            slim.compile_layers(backend=self.compile_backend)
+        return self.build_engine(slim)
