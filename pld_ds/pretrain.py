@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,18 +25,17 @@ import torch
 import torch.distributed as dist
 
 from pld_ds import checkpoint, earlybert, metrics, pld, startup
-from pld_ds.config import ConfigError, compile_backend, model_config, padded_vocab_size, read_json, split_ds_config
+from pld_ds.config import ConfigError, RunConfig, compile_backend, model_config, padded_vocab_size, read_json
 from pld_ds.data import schema, shards
 from pld_ds.data.loader import ShardBatches
 from pld_ds.data.masking import DynamicMasking
 from pld_ds.data.shards import ShardError, find_shards
+from pld_ds.engine_api import TrainingEngine
 from pld_ds.errors import ArgumentParser, UserError, one_line_errors
-from pld_ds.model import BertForPreTraining
+from pld_ds.model import BertConfig, BertForPreTraining
 from pld_ds.progress import Progress, format_duration
 
 BERT_VOCAB_SIZE = 30522
-TICKET_FILE = "ticket.json"  # the slim model's BertConfig, once EarlyBERT drew it
-EARLYBERT_FILE = "earlybert.json"  # the search's outcome: steps, emergence, what was kept
 
 
 def length_list(text: str) -> list[int]:
@@ -185,7 +185,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def evaluate(engine: Any, batches: ShardBatches, max_batches: int) -> dict[str, float]:
+def evaluate(engine: TrainingEngine, batches: ShardBatches, max_batches: int) -> dict[str, float]:
     """MLM loss/accuracy and NSP accuracy (when the model has an NSP head) over the validation shards, every
     layer run, summed over ranks."""
     engine.eval()
@@ -256,7 +256,7 @@ def resume_target(resume: str | None, checkpoints: Path) -> tuple[Path, str] | N
     return (path, tag) if tag else (path.parent, path.name)
 
 
-def resume_from(engine: Any, resume: str, target: tuple[Path, str], train: ShardBatches) -> None:
+def resume_from(engine: TrainingEngine, resume: str, target: tuple[Path, str], train: ShardBatches) -> None:
     path = target[0] / target[1]
     try:
         client = engine.load_checkpoint(*target)
@@ -299,14 +299,84 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, float]:
-    # Every input is checked before the model is built, so a typo costs a second, not a start-up.
-    ds_config, _, source = split_ds_config(args.deepspeed_config, pipeline_engine=True)
+    inputs = check_inputs(args)  # every input before the model is built: a typo costs a second, not a start-up
+    seed_everything(args.seed)
+    output, checkpoints = Path(args.output), Path(args.output) / "checkpoints"
+    target = resume_target(args.resume, checkpoints)
+    startup.quiet_deepspeed()
+    # EarlyBERT: search (slimming coefficients, no checkpoints), then the slim model from step `offset` on.
+    # A resumed run whose ticket was drawn continues the slim model.
+    cfg, offset, searching = earlybert.start_phase(inputs.config.earlybert, inputs.model, output, target is not None)
+    target = None if searching else target
+    model, pld_step_offset = build_model(args, cfg, inputs.seq_len, initialize=target is None)
+    search = earlybert.TicketSearch(model, inputs.config.earlybert) if searching else None
+    build_engine = engine_factory(args, inputs.config)
+    engine = start_engine(build_engine, model, inputs, pld_step_offset)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    train, valid = open_data(args, inputs, engine, rank)
+    if target is not None:
+        resume(engine, args, target, train, offset)
+    outputs.watch(lambda: offset + engine.global_steps)  # from here on, a failure keeps what the run wrote
+    resolved = write_run_config(args, cfg, engine, train, rank)
+    saver = RunCheckpoints(checkpoints, args, train, resolved)
+    ticket = earlybert.SearchThenSlim(search, output=output, resolved=resolved, seq_len=train.seq_len,
+                                      build_engine=build_engine, compile_backend=args.compile,
+                                      log=functools.partial(log, rank), writes=rank == 0)
+    batches, scalars = metrics.CountedBatches(iter(train)), {}
+    progress = Progress(args.max_steps, offset + engine.global_steps, enabled=rank == 0)
+    train_log = TrainLog(batches, progress, args, offset + engine.global_steps)
+    evaluator = Evaluator(valid, progress, args, rank)
+
+    with checkpoint.Preemption() as preemption, progress:
+        while offset + engine.global_steps < args.max_steps:
+            losses = engine.train_batch(batches, max_nonfinite=args.nan_patience)
+            step = offset + engine.global_steps  # one axis for search and slim phases
+            scalars = train_log.after_step(engine, step, losses) or scalars
+            evaluator.after_step(engine, step)
+            if ticket.searching:  # the search keeps no checkpoints
+                if drawn := ticket.after_step(step, engine):
+                    engine, offset = drawn  # the slim model's engine, whose steps count from the draw
+            else:
+                saver.after_step(engine, step)
+            if signum := preemption.requested(engine.device):
+                raise saver.preempted(engine, step, signum, searching=ticket.searching)
+            progress.update(step, scalars)
+    last = offset + engine.global_steps
+    saver.at_end(engine, last)
+    scalars.update(evaluator.at_end(engine, last))
+    for line in engine.keep_summary():
+        log(rank, line)
+    log(rank, f"checkpoint: {checkpoints / checkpoint.tag_for(last)}")
+    return scalars
+
+
+# -- set-up ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+    """What pld-pretrain checked before building anything."""
+
+    config: RunConfig  # the DeepSpeed JSON with our blocks, read and validated once
+    on_cpu: bool
+    train_paths: list[Path]
+    eval_paths: list[Path]
+    vocab_size: int  # of the data (or --vocab-size); the model's embedding is padded from it
+    masking: DynamicMasking | None
+    model: BertConfig  # before EarlyBERT's choice (slimming coefficients, or the drawn ticket)
+    seq_len: int
+    nsp: bool  # the shards have next-sentence labels
+
+
+def check_inputs(args: argparse.Namespace) -> RunInputs:
+    """Config, output folder, data and model flags, each checked once; warnings for what would run, but not as
+    the user likely meant."""
+    config = RunConfig.read(args.deepspeed_config)
     on_cpu = startup.runs_on_cpu()
-    startup.check_precision(ds_config, source, on_cpu)
-    for warning in startup.schedule_warnings(ds_config, source, args.max_steps):
+    startup.check_precision(config.ds_config, config.source, on_cpu)
+    for warning in startup.schedule_warnings(config.ds_config, config.source, args.max_steps):
         startup.warn("pld-pretrain", warning)
     startup.check_output(Path(args.output))
-    eb = earlybert.EarlyBertConfig.from_ds_config(args.deepspeed_config)
     train_paths, eval_paths = data_folders(args.data, args.eval_data)
     if args.eval_interval and not eval_paths:
         startup.warn("pld-pretrain", f"--eval-interval {args.eval_interval}: no validation shards ({args.data} has "
@@ -324,144 +394,169 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
     if seq_len > cfg.max_position_embeddings:
         raise ShardError(f"{infos[0].path}: sequence length {seq_len} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    output = Path(args.output)
-    checkpoints = output / "checkpoints"
-    target = resume_target(args.resume, checkpoints)
-    startup.quiet_deepspeed()
-    from pld_ds.pipeline import make_engine  # imports deepspeed (seconds): after the input checks
+    return RunInputs(config=config, on_cpu=on_cpu, train_paths=train_paths, eval_paths=eval_paths,
+                     vocab_size=vocab_size, masking=masking, model=cfg, seq_len=seq_len, nsp=data_nsp)
 
-    # EarlyBERT: search (slimming coefficients, no checkpoints), then the slim model from step `offset` on.
-    # A resumed run whose ticket was drawn continues the slim model.
-    slim_resume = eb.enabled and target is not None and (output / TICKET_FILE).is_file()
-    offset = 0
-    if slim_resume:
-        cfg = model_config(str(output / TICKET_FILE))
-        offset = int(read_json(output / EARLYBERT_FILE, "EarlyBERT record")["search_steps"])
-    elif eb.enabled:
-        cfg, target = dataclasses.replace(cfg, slimming=True), None
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(args: argparse.Namespace, cfg: BertConfig, seq_len: int, initialize: bool
+                ) -> tuple[BertForPreTraining, int]:
+    """The model (with --init-from's weights when ``initialize``, i.e. not resuming; compiled on --compile) and
+    theta's step offset (--init-pld-step)."""
     model = BertForPreTraining(cfg)
     pld_step_offset = 0
-    if args.init_from and target is None:
+    if args.init_from and initialize:
         pld_step_offset = init_weights(model, args, seq_len)
     if args.compile:
         model.compile_layers(backend=args.compile)
-    search = earlybert.TicketSearch(model, eb) if eb.enabled and not slim_resume else None
-    startup.say("pld-pretrain", startup.starting_message(ds_config, on_cpu))
+    return model, pld_step_offset
+
+
+def engine_factory(args: argparse.Namespace, config: RunConfig) -> Callable[..., TrainingEngine]:
+    """model -> the engine the config asks for (data parallel, or a pipeline of stages), for this run."""
+    from pld_ds.pipeline import make_engine  # imports deepspeed (seconds): after the input checks
+
+    return functools.partial(make_engine, config=config, seed=args.seed, output_dir=Path(args.output))
+
+
+def start_engine(build_engine: Callable[..., TrainingEngine], model: BertForPreTraining, inputs: RunInputs,
+                 pld_step_offset: int) -> TrainingEngine:
+    startup.say("pld-pretrain", startup.starting_message(inputs.config.ds_config, inputs.on_cpu))
     for stale, note in startup.build_lock_notes():
         (startup.warn if stale else startup.say)("pld-pretrain", note)
     started = time.perf_counter()
     with startup.without_noise():
-        engine = make_engine(model, args.deepspeed_config, seed=args.seed, output_dir=output,
-                             pld_step_offset=pld_step_offset)
+        engine = build_engine(model, pld_step_offset=pld_step_offset)
     startup.say("pld-pretrain", f"DeepSpeed started in {time.perf_counter() - started:.0f} s")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    data_rank, data_world = getattr(engine, "data_parallel", (rank, world))  # a pipeline's stages read alike
-    shard_args = dict(micro_batch=engine.micro_batch_size, vocab_size=vocab_size, rank=data_rank, world_size=data_world,
-                      masking=masking, skip_bad_shards=args.skip_bad_shards, nsp=data_nsp)
-    train = ShardBatches(train_paths, seed=args.seed, workers=args.data_workers,
+    return engine
+
+
+def open_data(args: argparse.Namespace, inputs: RunInputs, engine: TrainingEngine, rank: int
+              ) -> tuple[ShardBatches, ShardBatches | None]:
+    """This rank's training and validation batches (the stages of a pipeline replica read alike)."""
+    data_rank, data_world = engine.data_parallel
+    shard_args = dict(micro_batch=engine.micro_batch_size, vocab_size=inputs.vocab_size, rank=data_rank,
+                      world_size=data_world, masking=inputs.masking, skip_bad_shards=args.skip_bad_shards,
+                      nsp=inputs.nsp)
+    train = ShardBatches(inputs.train_paths, seed=args.seed, workers=args.data_workers,
                          bin_by_length=args.bin_by_length or args.length_buckets is not None,
                          length_buckets=args.length_buckets, **shard_args)
-    warn_skipped(rank, train, len(train_paths))
-    valid = ShardBatches(eval_paths, seq_len=train.seq_len, **shard_args) if eval_paths else None
+    warn_skipped(rank, train, len(inputs.train_paths))
+    valid = ShardBatches(inputs.eval_paths, seq_len=train.seq_len, **shard_args) if inputs.eval_paths else None
     if valid is not None:
-        warn_skipped(rank, valid, len(eval_paths))
-    if target is not None:
-        resume_from(engine, args.resume, target, train)
-        if offset + engine.global_steps >= args.max_steps:
-            startup.warn("pld-pretrain", f"--resume {args.resume}: {target[0] / target[1]} is at step "
-                         f"{offset + engine.global_steps}, not below --max-steps {args.max_steps}: nothing to train; "
-                         "raise --max-steps to go on")
-    outputs.watch(lambda: offset + engine.global_steps)  # from here on, a failure keeps what the run wrote
+        warn_skipped(rank, valid, len(inputs.eval_paths))
+    return train, valid
+
+
+def resume(engine: TrainingEngine, args: argparse.Namespace, target: tuple[Path, str], train: ShardBatches,
+           offset: int) -> None:
+    resume_from(engine, args.resume, target, train)
+    if offset + engine.global_steps >= args.max_steps:
+        startup.warn("pld-pretrain", f"--resume {args.resume}: {target[0] / target[1]} is at step "
+                     f"{offset + engine.global_steps}, not below --max-steps {args.max_steps}: nothing to train; "
+                     "raise --max-steps to go on")
+
+
+def write_run_config(args: argparse.Namespace, cfg: BertConfig, engine: TrainingEngine, train: ShardBatches,
+                     rank: int) -> dict[str, Any]:
+    """The run's resolved settings (flags, model, PLD, DeepSpeed), written to OUTPUT/run_config.json on rank 0
+    and returned for the checkpoints; then the line that says what trains."""
     resolved = {"args": {k: v for k, v in vars(args).items() if k != "local_rank"}, "model": asdict(cfg),
                 "pld": asdict(engine.pld), "deepspeed": engine.ds_config}
     if rank == 0:
+        output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text_atomic(output / "run_config.json", json.dumps(resolved, indent=2))
+        checkpoint.write_text_atomic(output / earlybert.RUN_CONFIG_FILE, json.dumps(resolved, indent=2))
+    world = dist.get_world_size() if dist.is_initialized() else 1
     # ZeRO-3 leaves partitioned parameters empty; ds_numel is their full size.
     params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     log(rank, f"pld-pretrain: {args.model} ({params / 1e6:.1f}M params), "
         f"{len(train.infos)} shards, {train.batches_per_epoch} steps/epoch, world {world}, PLD {engine.pld}")
-
-    ckpt = checkpoint.Checkpointer(checkpoints, args.save_interval, args.keep_checkpoints)
-
-    def save() -> None:
-        ckpt.save(engine, {"data": train.state_dict(), "rng": rng_state(), "config": resolved},
-                  step=offset + engine.global_steps)
-
-    batches, meter, scalars = metrics.CountedBatches(iter(train)), metrics.Meter(offset + engine.global_steps), {}
-    progress = Progress(args.max_steps, offset + engine.global_steps, enabled=rank == 0)
-    with checkpoint.Preemption() as preemption, progress:
-        while offset + engine.global_steps < args.max_steps:
-            losses = engine.train_batch(batches, max_nonfinite=args.nan_patience)
-            step = offset + engine.global_steps  # one axis for search and slim phases
-            meter.count(cfg, batches.drain(), pld.keep_probs(cfg.num_layers, engine.theta_used()))
-            if step % args.log_interval == 0 or step == args.max_steps:
-                rates = meter.report(step, functools.partial(sum_over_ranks, device=engine.device,
-                                                             copies=getattr(engine, "num_stages", 1)))
-                scalars = train_scalars(engine, losses, rates)
-                engine.write_scalars(scalars, step)
-                line = f"step {step:>6}  " + "  ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in scalars.items()
-                                                    if k.count("/") == 1)  # per-layer keep rates: TensorBoard only
-                progress.write(f"{line}  {interval_status(rates, args.max_steps - step)}")
-            if valid and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
-                results = evaluate(engine, valid, args.eval_batches)
-                engine.write_scalars(results, step)
-                progress.write(f"eval   {step:>6}  " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in results.items()))
-            if search is not None:
-                over = search.observe(step, engine.module)
-                if (check := search.check_at(step)) is not None:
-                    engine.write_scalars(check.scalars(), step)
-                    log(rank, check.line())
-                if over:
-                    engine = draw_ticket(search, engine, resolved, step, train.seq_len, args, rank)
-                    cfg, offset, search = engine.module.config, step, None
-            elif ckpt.due(step) and step < args.max_steps:
-                save()
-            if signum := preemption.requested(engine.device):
-                if search is None:
-                    save()
-                raise checkpoint.Preempted(signum, step, None if search else checkpoints / checkpoint.tag_for(step))
-            progress.update(step, scalars)
-    last = offset + engine.global_steps
-    if ckpt.newest() != checkpoint.tag_for(last):
-        save()
-    if valid:
-        scalars.update(evaluate(engine, valid, args.eval_batches))
-        engine.write_scalars({k: v for k, v in scalars.items() if k.startswith("eval/")}, last)
-        log(rank, "eval  " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k.startswith("eval/")))
-    for line in engine.keep_summary():
-        log(rank, line)
-    log(rank, f"checkpoint: {checkpoints / checkpoint.tag_for(last)}")
-    return scalars
+    return resolved
 
 
-def draw_ticket(search: Any, engine: Any, resolved: dict[str, Any], step: int, seq_len: int,
-                args: argparse.Namespace, rank: int) -> Any:
-    """Prune to the ticket and return a fresh PLDEngine on the slim model (its step count starts at 0; the
-    loop adds the search's steps). The ticket's shapes go to OUTPUT/ticket.json, for resuming and export."""
-    from pld_ds.engine import PLDEngine
+# -- the loop's components, each at its own cadence -----------------------------------------------------
 
-    slim = search.draw(engine.module, seq_len=seq_len)
-    report = search.report
-    for line in report.lines():
-        log(rank, line)
-    engine.write_scalars(report.scalars(), step)
-    output = Path(args.output)
-    resolved["model"] = asdict(slim.config)
-    if rank == 0:
-        checkpoint.write_text_atomic(output / TICKET_FILE, json.dumps(asdict(slim.config), indent=2))
-        record = {"search_steps": step, "emergence_step": report.emergence_step, "weights": report.weights,
-                  "kept_heads": list(report.kept_heads), "kept_neurons": list(report.kept_neurons),
-                  "param_reduction": report.param_reduction, "flop_reduction": report.flop_reduction}
-        checkpoint.write_text_atomic(output / EARLYBERT_FILE, json.dumps(record, indent=2))
-        checkpoint.write_text_atomic(output / "run_config.json", json.dumps(resolved, indent=2))
-    engine.engine.destroy()
-    if args.compile:
-        slim.compile_layers(backend=args.compile)
-    return PLDEngine(slim, args.deepspeed_config, seed=args.seed, output_dir=output)
+
+class TrainLog:
+    """Counts every step's samples and FLOPs; every --log-interval steps and at --max-steps writes the row of
+    scalars to the monitors and its line to the console, and returns the row."""
+
+    def __init__(self, batches: metrics.CountedBatches, progress: Progress, args: argparse.Namespace,
+                 step: int) -> None:
+        self.batches, self.progress, self.meter = batches, progress, metrics.Meter(step)
+        self.interval, self.max_steps = args.log_interval, args.max_steps
+
+    def after_step(self, engine: TrainingEngine, step: int, losses: dict[str, torch.Tensor]
+                   ) -> dict[str, float] | None:
+        cfg = engine.module.config  # EarlyBERT's draw changes the model
+        self.meter.count(cfg, self.batches.drain(), pld.keep_probs(cfg.num_layers, engine.theta_used()))
+        if step % self.interval and step != self.max_steps:
+            return None
+        rates = self.meter.report(step, functools.partial(sum_over_ranks, device=engine.device,
+                                                          copies=engine.num_stages))
+        scalars = train_scalars(engine, losses, rates)
+        engine.write_scalars(scalars, step)
+        line = f"step {step:>6}  " + "  ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in scalars.items()
+                                            if k.count("/") == 1)  # per-layer keep rates: TensorBoard only
+        self.progress.write(f"{line}  {interval_status(rates, self.max_steps - step)}")
+        return scalars
+
+
+class Evaluator:
+    """Every --eval-interval steps below --max-steps (a line through the progress bar), and at the end; nothing
+    without validation shards."""
+
+    def __init__(self, valid: ShardBatches | None, progress: Progress, args: argparse.Namespace, rank: int) -> None:
+        self.valid, self.progress, self.rank = valid, progress, rank
+        self.interval, self.batches, self.max_steps = args.eval_interval, args.eval_batches, args.max_steps
+
+    def after_step(self, engine: TrainingEngine, step: int) -> None:
+        if self.valid and self.interval and step % self.interval == 0 and step < self.max_steps:
+            results = evaluate(engine, self.valid, self.batches)
+            engine.write_scalars(results, step)
+            self.progress.write(f"eval   {step:>6}  " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in results.items()))
+
+    def at_end(self, engine: TrainingEngine, step: int) -> dict[str, float]:
+        if not self.valid:
+            return {}
+        results = evaluate(engine, self.valid, self.batches)
+        engine.write_scalars(results, step)
+        log(self.rank, "eval  " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        return results
+
+
+class RunCheckpoints:
+    """Checkpoints every --save-interval steps below --max-steps, at a pre-emption signal and at the end, each
+    with the data position, every RNG state and the resolved settings."""
+
+    def __init__(self, root: Path, args: argparse.Namespace, train: ShardBatches, resolved: dict[str, Any]) -> None:
+        self.root, self.train, self.resolved, self.max_steps = root, train, resolved, args.max_steps
+        self.checkpointer = checkpoint.Checkpointer(root, args.save_interval, args.keep_checkpoints)
+
+    def save(self, engine: TrainingEngine, step: int) -> None:
+        self.checkpointer.save(engine, {"data": self.train.state_dict(), "rng": rng_state(), "config": self.resolved},
+                               step=step)
+
+    def after_step(self, engine: TrainingEngine, step: int) -> None:
+        if self.checkpointer.due(step) and step < self.max_steps:
+            self.save(engine, step)
+
+    def preempted(self, engine: TrainingEngine, step: int, signum: int, searching: bool) -> checkpoint.Preempted:
+        """The stop to raise after SIGTERM/SIGUSR1: with a checkpoint of this step, except during EarlyBERT's
+        search, which keeps none."""
+        if not searching:
+            self.save(engine, step)
+        return checkpoint.Preempted(signum, step, None if searching else self.root / checkpoint.tag_for(step))
+
+    def at_end(self, engine: TrainingEngine, step: int) -> None:
+        if self.checkpointer.newest() != checkpoint.tag_for(step):
+            self.save(engine, step)
 
 
 def sum_over_ranks(values: list[float], device: torch.device, copies: int = 1) -> list[float]:
@@ -479,7 +574,7 @@ def interval_status(rates: metrics.Rates, steps_left: int) -> str:
             f"(rates over the last {rates.steps} steps)")
 
 
-def train_scalars(engine: Any, losses: dict[str, torch.Tensor], rates: metrics.Rates) -> dict[str, float]:
+def train_scalars(engine: TrainingEngine, losses: dict[str, torch.Tensor], rates: metrics.Rates) -> dict[str, float]:
     """The row of the step just taken: its losses, the theta it ran with, and throughput over the interval since
     the previous row (all ranks, every micro-batch of each accumulation window, FLOPs at the lengths computed)."""
     scalars = {f"train/{k}": v.item() for k, v in losses.items()}
