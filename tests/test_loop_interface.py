@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from pld_helpers import load_ds_config, tiny_config, write_json
+from pld_helpers import DS_CONFIGS, REPO, child_env, load_ds_config, tiny_config, write_json
 
 from pld_ds import config as config_module
 from pld_ds import earlybert
@@ -84,13 +86,24 @@ def test_both_engines_define_every_method_and_property_of_the_interface() -> Non
 
 
 def test_a_data_parallel_engine_is_a_training_engine_of_one_stage(tmp_path: Path) -> None:
-    from pld_ds.engine import PLDEngine
-
-    torch.manual_seed(0)
-    engine = PLDEngine(BertForPreTraining(tiny_config()), RunConfig.read(load_ds_config()), output_dir=tmp_path)
-    assert isinstance(engine, TrainingEngine)  # every data attribute too, on the instance
-    assert engine.data_parallel == (0, 1) and engine.num_stages == 1
-    assert not isinstance(object(), TrainingEngine)  # the check can fail
+    """In a child process: an earlier in-process run may have torn down the process group DeepSpeed cached."""
+    code = f"""
+import json, torch
+from pld_ds.config import RunConfig, model_config
+from pld_ds.engine import PLDEngine
+from pld_ds.engine_api import TrainingEngine
+from pld_ds.model import BertForPreTraining
+config = RunConfig.read({str(DS_CONFIGS / "tiny_cpu_pld.json")!r})
+engine = PLDEngine(BertForPreTraining(model_config("tiny", vocab_size=100)), config, output_dir={str(tmp_path)!r})
+print("RESULT", json.dumps([isinstance(engine, TrainingEngine), engine.data_parallel, engine.num_stages,
+                            isinstance(object(), TrainingEngine)]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    # every data attribute too, on the instance; and the check can fail
+    assert result == [True, [0, 1], 1, False]
 
 
 # -- EarlyBERT's search as a component -------------------------------------------------------------------
