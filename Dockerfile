@@ -21,8 +21,12 @@ RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/keep-t
  && pip install --no-cache-dir -c /tmp/keep-torch.txt -r requirements.txt \
  && rm /tmp/keep-torch.txt
 COPY . .
-RUN pip install --no-cache-dir --no-deps -e . \
- && python -c "import deepspeed, pld_ds.pretrain"
+# The project with its input-format extras (raw Wikipedia dumps, parquet, Hugging Face export), as
+# scripts/setup.sh installs them, still keeping the image's torch.
+RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/keep-torch.txt \
+ && pip install --no-cache-dir -c /tmp/keep-torch.txt -e ".[wiki,parquet,hf]" \
+ && rm /tmp/keep-torch.txt \
+ && python -c "import deepspeed, pld_ds.pretrain, mwparserfromhell, pyarrow, transformers"
 
 # No command: pretrain with the DATA, OUTPUT, ... settings of launch/common.sh; any command runs as given.
 ENTRYPOINT ["bash", "/opt/pld_ds/launch/entrypoint.sh"]

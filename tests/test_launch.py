@@ -338,13 +338,20 @@ def test_dockerfile_installs_requirements_and_project_without_touching_torch():
     installs = pip_installs()
     instructions = dockerfile_instructions()
     requirements = [(i, a) for i, a in installs if "requirements.txt" in a]
-    project = [(i, a) for i, a in installs if "." in a]
+    project = [(i, a) for i, a in installs if any(w == "." or w.startswith(".[") for w in a)]
     assert len(requirements) == 1 and len(project) == 1 and len(installs) == 2
     i, args = requirements[0]
     assert args[args.index("requirements.txt") - 1] in ("-r", "--requirement")
     copied = [j for j, (op, a) in enumerate(instructions) if op == "COPY" and a.split()[0] in ("requirements.txt", ".")]
     assert copied and copied[0] < i
-    assert "--no-deps" in project[0][1]  # pyproject names torch; --no-deps keeps pip from acting on it
+    # pyproject names torch: the project's install either takes no dependencies or is held to the image's torch
+    args = project[0][1]
+    assert "--no-deps" in args or ("-c" in args and "keep-torch" in args[args.index("-c") + 1])
+    # the input-format extras that scripts/setup.sh installs are in the image too
+    extras = next((w for w in args if w.startswith(".[")), ".[]")[2:-1].split(",")
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    wanted = re.search(r'\.\[([\w,]+)\]', setup)
+    assert wanted and set(wanted.group(1).split(",")) <= set(extras)
     for _, args in installs:
         assert not any(re.match(r"torch\b", a) for a in args), args
         assert "--no-cache-dir" in args
