@@ -238,7 +238,8 @@ def test_model_json_file(tmp_path):
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match=r"--model: expected one of tiny, micro, mini, small, base, large.*'huge'"):
+    presets = "tiny, micro, narrow12, deep12, mini, small, base, large"
+    with pytest.raises(ConfigError, match=rf"--model: expected one of {presets}.*'huge'"):
         model_config("huge")
 
 
