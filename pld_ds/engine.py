@@ -469,12 +469,7 @@ class PLDEngine:
 
     def keep_summary(self) -> list[str]:
         """The gates drawn over this engine's life: per layer, how often it was kept against the mean p_l."""
-        if self._gates_total is None:
-            return []
-        rows = self._gates_total.tolist()
-        lines = [f"PLD gates drawn over {int(rows[0][2])} micro-batches (layer: kept share / mean p_l):"]
-        lines.append("  " + "  ".join(f"{k}: {kept / n:.3f}/{p / n:.3f}" for k, (kept, p, n) in enumerate(rows, 1)))
-        return lines
+        return pld.keep_summary(self._gates_total)
 
     def write_scalars(self, scalars: dict[str, float], step: int | None = None) -> None:
         """To every monitor enabled in the config (tensorboard, csv_monitor, wandb, comet); rank 0 only."""

@@ -63,3 +63,15 @@ def sample_gates(
     draws = torch.rand(num_layers, generator=generator, dtype=torch.float64).tolist()
     probs = keep_probs(num_layers, theta_now)
     return [(u < p, p) for u, p in zip(draws, probs, strict=True)]
+
+
+def keep_summary(totals: torch.Tensor | None) -> list[str]:
+    """Lines comparing, per layer, the share of draws that kept it with its mean p_l.
+
+    ``totals`` holds one row per layer: (times kept, sum of p_l, draws); None when nothing was drawn."""
+    if totals is None:
+        return []
+    rows = totals.tolist()
+    lines = [f"PLD gates drawn over {int(rows[0][2])} micro-batches (layer: kept share / mean p_l):"]
+    lines.append("  " + "  ".join(f"{k}: {kept / n:.3f}/{p / n:.3f}" for k, (kept, p, n) in enumerate(rows, 1)))
+    return lines
