@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job on an embedded default, on CPU: a corpus from the documentation that ships with
 # Python (or CORPUS=path of your own text), shards with pld-prep, PLD pretraining through the
-# DeepSpeed engine (a 12-layer, 128-wide PreLN BERT, sequence length 128, an 8,192-token vocabulary),
-# evaluation on held-out shards against the unigram baseline, fill-mask examples. Settings: OUT
-# (runs/quickstart), STEPS (1500).
+# DeepSpeed engine (the micro preset, sequence length 64, a 4,096-token vocabulary), evaluation on
+# held-out shards against the unigram baseline, fill-mask examples. Settings: OUT (runs/quickstart),
+# STEPS (1200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -15,10 +15,10 @@ if [ -z "$corpus" ]; then
   corpus=$out/corpus.txt
   python -m data_prep.demo_corpus "$corpus"
 fi
-pld-prep --input "$corpus" --output "$out/shards" --train-vocab 8192 --max-seq-length 128 \
-  --max-predictions-per-seq 20 --dupe-factor 5 --num-shards 4 --seed 1
+pld-prep --input "$corpus" --output "$out/shards" --train-vocab 4096 --max-seq-length 64 \
+  --max-predictions-per-seq 10 --dupe-factor 5 --num-shards 4 --seed 1
 pld-pretrain --deepspeed_config ds_configs/quickstart_cpu.json --data "$out/shards" --output "$out/run" \
-  --model narrow12 --max-steps "${STEPS:-1500}" --log-interval 50 --eval-interval 250 --eval-batches 40 --resume auto
+  --model micro --max-steps "${STEPS:-1200}" --log-interval 50 --eval-interval 400 --eval-batches 40 --resume auto
 # The unigram baseline, the eval loss below it, masked-token accuracy, three fill-mask answers, plot.png.
 python -m pld_ds.probe "$out/run" --data "$out/shards" --plot "$out/run/plot.png"
 cat <<TXT
