@@ -442,6 +442,25 @@ def full_width_layer(weights: dict[str, torch.Tensor], prefix: str, cfg: BertCon
             "ffn.fc2.weight": pad_rows(fc2_w.T, cfg.intermediate_size).T}
 
 
+def layer_linears(weights: dict[str, torch.Tensor], layer: dict[str, torch.Tensor], ours: str, theirs: str
+                  ) -> dict[str, torch.Tensor]:
+    """One encoder layer's linear maps under transformers' names (BERT and its PreLN variants alike). Our fused
+    projection's rows are [query; key; value], each heads x head_dim like transformers'; `layer` holds the
+    full-width (unpruned) tensors, `weights` the biases that pruning never narrows."""
+    hf = {}
+    for suffix in ("weight", "bias"):
+        q, k, v = layer[f"attn.qkv.{suffix}"].chunk(3, dim=0)
+        for proj, tensor in (("query", q), ("key", k), ("value", v)):
+            hf[f"{theirs}attention.self.{proj}.{suffix}"] = tensor
+    hf[theirs + "attention.output.dense.weight"] = layer["attn.out.weight"]
+    hf[theirs + "attention.output.dense.bias"] = weights[ours + "attn.out.bias"]
+    hf[theirs + "intermediate.dense.weight"] = layer["ffn.fc1.weight"]
+    hf[theirs + "intermediate.dense.bias"] = layer["ffn.fc1.bias"]
+    hf[theirs + "output.dense.weight"] = layer["ffn.fc2.weight"]
+    hf[theirs + "output.dense.bias"] = weights[ours + "ffn.fc2.bias"]
+    return hf
+
+
 def exported_position_offset(cfg: BertConfig, pad_token_id: int) -> int:
     """Rows our position table is shifted by in the export: RoBERTa's offset for PreLN, none for BERT (PostLN)."""
     return 0 if cfg.layer_norm == "post" else position_offset(pad_token_id)
@@ -465,17 +484,8 @@ def bert_state_dict(weights: dict[str, torch.Tensor], cfg: BertConfig) -> dict[s
     for i in range(cfg.num_layers):
         ours, theirs = f"encoder.layers.{i}.", f"bert.encoder.layer.{i}."
         layer = full_width_layer(weights, ours, cfg)
-        for suffix in ("weight", "bias"):
-            q, k, v = layer[f"attn.qkv.{suffix}"].chunk(3, dim=0)
-            for proj, tensor in (("query", q), ("key", k), ("value", v)):
-                hf[f"{theirs}attention.self.{proj}.{suffix}"] = tensor
-        hf[theirs + "attention.output.dense.weight"] = layer["attn.out.weight"]
-        hf[theirs + "attention.output.dense.bias"] = weights[ours + "attn.out.bias"]
+        hf.update(layer_linears(weights, layer, ours, theirs))
         copy(ours + "attn_norm", theirs + "attention.output.LayerNorm")
-        hf[theirs + "intermediate.dense.weight"] = layer["ffn.fc1.weight"]
-        hf[theirs + "intermediate.dense.bias"] = layer["ffn.fc1.bias"]
-        hf[theirs + "output.dense.weight"] = layer["ffn.fc2.weight"]
-        hf[theirs + "output.dense.bias"] = weights[ours + "ffn.fc2.bias"]
         copy(ours + "ffn_norm", theirs + "output.LayerNorm")
     copy("heads.transform", "cls.predictions.transform.dense")
     copy("heads.transform_norm", "cls.predictions.transform.LayerNorm")
@@ -511,18 +521,8 @@ def hf_state_dict(weights: dict[str, torch.Tensor], cfg: BertConfig, pad_token_i
         ours, theirs = f"encoder.layers.{i}.", f"{base}encoder.layer.{i}."
         layer = full_width_layer(weights, ours, cfg)
         copy(ours + "attn_norm", theirs + "attention.LayerNorm")
-        # Our fused projection's rows are [query; key; value], each heads x head_dim like transformers'.
-        for suffix in ("weight", "bias"):
-            q, k, v = layer[f"attn.qkv.{suffix}"].chunk(3, dim=0)
-            for proj, tensor in (("query", q), ("key", k), ("value", v)):
-                hf[f"{theirs}attention.self.{proj}.{suffix}"] = tensor
-        hf[theirs + "attention.output.dense.weight"] = layer["attn.out.weight"]
-        hf[theirs + "attention.output.dense.bias"] = weights[ours + "attn.out.bias"]
         copy(ours + "ffn_norm", theirs + "intermediate.LayerNorm")
-        hf[theirs + "intermediate.dense.weight"] = layer["ffn.fc1.weight"]
-        hf[theirs + "intermediate.dense.bias"] = layer["ffn.fc1.bias"]
-        hf[theirs + "output.dense.weight"] = layer["ffn.fc2.weight"]
-        hf[theirs + "output.dense.bias"] = weights[ours + "ffn.fc2.bias"]
+        hf.update(layer_linears(weights, layer, ours, theirs))
     copy("encoder.final_norm", base + "LayerNorm")
     copy("heads.transform", "lm_head.dense")
     copy("heads.transform_norm", "lm_head.layer_norm")
