@@ -88,10 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --init-from: theta's curve continues from the step the weights were trained to "
                         "(default: the run goes on as one, at the depth it had reached) or restarts at theta = 1")
     p.add_argument("--masked-lm-prob", type=float, metavar="P",
-                   help="dynamic-masking shards: share of tokens masked, up to 1 (e.g. 0.3); default: the manifest's")
+                   help="share of tokens masked in training batches, up to 1 (e.g. 0.3): dynamic-masking shards are "
+                        "masked at this rate, static ones masked anew (evaluation keeps their masks); default: the "
+                        "manifest's")
     p.add_argument("--whole-word-masking", action=argparse.BooleanOptionalAction, default=None,
-                   help="dynamic-masking shards: mask whole words (## pieces with the word before them); default: "
-                        "the manifest's")
+                   help="mask whole words (## pieces with the word before them) in training batches, static "
+                        "shards masked anew as with --masked-lm-prob; default: the manifest's")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
     args = p.parse_args(argv)
@@ -213,14 +215,20 @@ def evaluate(engine: TrainingEngine, batches: ShardBatches, max_batches: int) ->
     return scalars
 
 
-def check_masking_flags(args: argparse.Namespace, infos: list[shards.ShardInfo]) -> None:
-    """--masked-lm-prob and --whole-word-masking steer the loader's masking: statically masked shards have theirs."""
+def remasks(args: argparse.Namespace, infos: list[shards.ShardInfo], masking: DynamicMasking | None) -> bool:
+    """--masked-lm-prob and --whole-word-masking steer the loader's masking. Statically masked training shards
+    given either flag are masked anew in every batch (their tokens restored first); evaluation keeps the masks
+    pld-prep wrote, so eval losses stay comparable with runs that trained on the stored masks."""
     given = [flag for flag, value in (("--masked-lm-prob", args.masked_lm_prob),
                                       ("--whole-word-masking", args.whole_word_masking)) if value is not None]
     static = next((info for info in infos if info.static_masking), None)
+    if given and static is not None and masking is None:
+        raise ConfigError(f"{given[0]}: masking {static.path} anew needs the vocabulary's [MASK] id: expected a "
+                          f"vocab file named in {args.data}/manifest.json")
     if given and static is not None:
-        raise ShardError(f"{given[0]}: {static.path} is statically masked (masked_lm_* datasets), so its masking was "
-                         f"fixed by pld-prep: set it there (pld-prep {given[0]}), or prepare --dynamic-masking shards")
+        startup.say("pld-pretrain", f"{' and '.join(given)}: the statically masked training shards are masked anew "
+                                    "in every batch; evaluation keeps the shards' own masks")
+    return bool(given) and static is not None
 
 
 def init_weights(model: BertForPreTraining, args: argparse.Namespace, seq_len: int) -> int:
@@ -363,6 +371,7 @@ class RunInputs:
     eval_paths: list[Path]
     vocab_size: int  # of the data (or --vocab-size); the model's embedding is padded from it
     masking: DynamicMasking | None
+    remask: bool  # static training shards masked anew in every batch (--masked-lm-prob / --whole-word-masking)
     model: BertConfig  # before EarlyBERT's choice (slimming coefficients, or the drawn ticket)
     seq_len: int
     nsp: bool  # the shards have next-sentence labels
@@ -390,12 +399,13 @@ def check_inputs(args: argparse.Namespace) -> RunInputs:
     data_nsp = shards.check_nsp(infos)[0].nsp
     if not data_nsp:  # MLM-only shards: no NSP head, so no NSP cost
         cfg = dataclasses.replace(cfg, nsp=False)
-    check_masking_flags(args, infos)
+    remask = remasks(args, infos, masking)
     if seq_len > cfg.max_position_embeddings:
         raise ShardError(f"{infos[0].path}: sequence length {seq_len} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}")
     return RunInputs(config=config, on_cpu=on_cpu, train_paths=train_paths, eval_paths=eval_paths,
-                     vocab_size=vocab_size, masking=masking, model=cfg, seq_len=seq_len, nsp=data_nsp)
+                     vocab_size=vocab_size, masking=masking, model=cfg, seq_len=seq_len, nsp=data_nsp,
+                     remask=remask)
 
 
 def seed_everything(seed: int) -> None:
@@ -445,7 +455,7 @@ def open_data(args: argparse.Namespace, inputs: RunInputs, engine: TrainingEngin
                       nsp=inputs.nsp)
     train = ShardBatches(inputs.train_paths, seed=args.seed, workers=args.data_workers,
                          bin_by_length=args.bin_by_length or args.length_buckets is not None,
-                         length_buckets=args.length_buckets, **shard_args)
+                         length_buckets=args.length_buckets, remask=inputs.remask, **shard_args)
     warn_skipped(rank, train, len(inputs.train_paths))
     valid = ShardBatches(inputs.eval_paths, seq_len=train.seq_len, **shard_args) if inputs.eval_paths else None
     if valid is not None:

@@ -19,6 +19,8 @@ from data_prep.segment import TokenizedBatch
 from pld_ds.data import schema
 from pld_ds.data.loader import ShardBatches
 from pld_ds.data.masking import DynamicMasking
+from pld_ds.config import ConfigError
+from pld_ds.data import shards
 from pld_ds.data.shards import ShardError
 
 # A vocabulary for hand-made rows: 0-4 special, 5..54 word starts, 55..104 "##" pieces.
@@ -306,9 +308,46 @@ def test_dynamic_masking_settings_come_from_the_manifest_and_flags(wordy, tmp_pa
     prep([corpus], static, vocab, max_seq_length=64)
     args = pretrain.parse_args(["--deepspeed_config", str(REPO / "ds_configs" / "tiny_cpu_pld.json"), "--data",
                                 str(static), "--output", str(tmp_path / "out"), "--model", "tiny",
-                                "--whole-word-masking"])
-    with pytest.raises(ShardError, match="--whole-word-masking: .* is statically masked .*pld-prep --whole-word-mask"):
-        pretrain.run(args)
+                                "--masked-lm-prob", "0.3"])
+    _, masking = pretrain.data_vocabulary(str(static), None, masked_lm_prob=0.3)
+    infos, _ = shards.inspect_paths(sorted((static / "train").glob("*.hdf5")))
+    assert pretrain.remasks(args, infos, masking)
+    with pytest.raises(ConfigError, match="--masked-lm-prob: masking .* anew needs the vocabulary's .MASK. id"):
+        pretrain.remasks(args, infos, None)
+    args.masked_lm_prob = None
+    assert not pretrain.remasks(args, infos, masking)
+
+
+def test_static_shards_masked_anew_at_thirty_percent(wordy, tmp_path):
+    """--masked-lm-prob on statically masked shards: the stored masks are undone (the original tokens come
+    back) and every batch is masked at the new rate; without remask the stored masks are used."""
+    from pld_ds import pretrain
+
+    root, vocab, corpus = wordy
+    data = tmp_path / "static"
+    prep([corpus], data, vocab, max_seq_length=64)
+    _, masking = pretrain.data_vocabulary(str(data), None, masked_lm_prob=0.3)
+    paths = sorted((data / "train").glob("*.hdf5"))
+    stored = ShardBatches(paths, micro_batch=16, vocab_size=1000, prefetch=0, seed=3)
+    anew = ShardBatches(paths, micro_batch=16, vocab_size=1000, prefetch=0, seed=3, masking=masking, remask=True)
+    mask_id = vocab_ids(vocab)["[MASK]"]
+    special = set(masking.special_ids)
+    rates = []
+    for old, new, _ in zip(stored, anew, range(6)):
+        originals = old["input_ids"].clone()
+        labelled = old["masked_lm_labels"] != -100
+        originals[labelled] = old["masked_lm_labels"][labelled]
+        targets = new["masked_lm_labels"] != -100
+        # The labels are the original tokens, wherever they are; unlabelled positions hold the originals.
+        assert (new["masked_lm_labels"][targets] == originals[targets]).all()
+        assert (new["input_ids"][~targets] == originals[~targets]).all()
+        assert (new["input_ids"][targets] == mask_id).float().mean() > 0.6
+        real = (old["attention_mask"].numpy() != 0) & ~np.isin(originals.numpy(), list(special))
+        rates.append(float(targets.sum()) / float(real.sum()))
+        assert not (targets.numpy() & ~real).any()
+    assert abs(np.mean(rates) - 0.3) < 0.02, rates
+    assert abs(float(np.mean([(b["masked_lm_labels"] != -100).float().mean() for b, _ in zip(stored, range(6))]))
+               - 0.15 * 62 / 64) < 0.03
 
 
 def test_a_classifier_starts_from_an_mlm_only_model_with_a_fresh_pooler():

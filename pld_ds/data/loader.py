@@ -227,6 +227,7 @@ class ShardBatches:
         workers: int = 0,
         bin_by_length: bool = False,
         length_buckets: Sequence[int] | None = None,
+        remask: bool = False,
     ) -> None:
         """``prefetch``: batches prepared ahead on a background thread (0: none), or per worker.
         ``workers``: worker processes (torch DataLoader workers) that build every workers-th batch each,
@@ -238,15 +239,19 @@ class ShardBatches:
         smallest that holds its longest sample; the shards' sequence length is always one), so compiled
         graphs and CUDA graphs see at most len(batch_lengths) shapes; None: every multiple of 8.
         ``nsp``: whether the shards must carry next_sentence_labels (default: as the first shard); batches
-        of MLM-only shards have no next_sentence_labels."""
+        of MLM-only shards have no next_sentence_labels. ``remask``: statically masked shards are masked anew by
+        ``masking`` in every batch (their original tokens restored from masked_lm_ids first), as dynamic-masking
+        shards are; False: their stored masks are used."""
         infos, self.skipped = shards.inspect_paths(paths, skip_bad_shards)
         self.infos = shards.check_nsp(shards.check_seq_len(infos, seq_len), nsp)
         self.nsp = self.infos[0].nsp
         unmasked = next((info for info in self.infos if not info.static_masking), None)
+        if remask and masking is None:
+            raise ValueError("remask needs a masking")
         if unmasked is not None and masking is None:
             raise shards.ShardError(f"{unmasked.path}: a dynamic-masking shard (no masked_lm_* datasets) needs the "
                                     "vocabulary's [MASK] id: expected a vocab file named in manifest.json")
-        self.masking = masking
+        self.masking, self.remask = masking, remask
         self.seq_len = self.infos[0].seq_len
         self.vocab_size = vocab_size
         self.micro_batch, self.rank, self.world_size, self.seed = micro_batch, rank, world_size, seed
@@ -313,14 +318,19 @@ class ShardBatches:
     def _collate(self, parts: list[dict[str, np.ndarray]], rng: Callable[[], np.random.Generator]) -> Batch:
         cat = {k: np.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
         input_ids = cat[schema.INPUT_IDS.name]
-        if schema.MASKED_LM_POSITIONS.name not in cat:
-            input_ids, labels = self.masking(input_ids, cat[schema.INPUT_MASK.name], rng())
-        else:
+        static = schema.MASKED_LM_POSITIONS.name in cat
+        if static:
             positions, ids = cat[schema.MASKED_LM_POSITIONS.name], cat[schema.MASKED_LM_IDS.name]
-            labels = np.full(input_ids.shape, schema.IGNORE_INDEX, dtype=np.int64)
             # Position 0 is [CLS] and never masked: NVIDIA pads unused prediction slots with 0.
             rows, slots = np.nonzero(positions > 0)
+        if static and not self.remask:
+            labels = np.full(input_ids.shape, schema.IGNORE_INDEX, dtype=np.int64)
             labels[rows, positions[rows, slots]] = ids[rows, slots]
+        else:
+            if static:  # the original tokens back in place of [MASK] and the random replacements
+                input_ids = input_ids.copy()
+                input_ids[rows, positions[rows, slots]] = ids[rows, slots]
+            input_ids, labels = self.masking(input_ids, cat[schema.INPUT_MASK.name], rng())
         mask, segments = cat[schema.INPUT_MASK.name], cat[schema.SEGMENT_IDS.name]
         if self.bin_by_length:  # drop the columns that are padding in every row, up to the next bucket
             real = mask.any(0)
