@@ -11,7 +11,9 @@ by a re-run with the same arguments; the manifest is written last and marks the 
 Validation split: systematic sampling over the documents in reading order. With fraction f > 0,
 document i goes to validation when floor((i + 1) * f + 1 - 2f) > floor(i * f + 1 - 2f): about one
 document in 1/f, always including the second one, so any corpus of two or more documents has a
-validation document. Random next sentences never cross the split.
+validation document. A document longer than PART_CHARS (a whole book) counts as parts of about that
+size cut at paragraph breaks, so one book has a validation part too. Random next sentences never
+cross the split.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ from data_prep.writer import (
 from pld_ds.data import schema
 
 MANIFEST_VERSION = 1
+# A document longer than this (a whole book) is cut at paragraph boundaries into parts of about this many
+# characters before the validation split, so that a corpus of one or a few books still has validation text.
+PART_CHARS = 100_000
 # Batch size in characters (~450k WordPiece tokens of English): large enough that random next
 # sentences come from hundreds of Wikipedia articles or several books, small enough to keep a
 # worker near 200 MB and both cores busy to the end.
@@ -393,6 +398,19 @@ class _Workers:
 # Phase 1: batches.
 
 
+def _parts(document: str, size: int = PART_CHARS) -> Iterator[str]:
+    """The document in parts of at least ``size`` characters cut at paragraph breaks (the last part up to
+    1.5 x ``size``); a document of at most 1.5 x ``size`` is one part."""
+    start = 0
+    while len(document) - start > size * 3 // 2:
+        cut = document.find("\n\n", start + size)
+        if cut < 0:
+            break
+        yield document[start:cut]
+        start = cut + 2
+    yield document[start:]
+
+
 def _is_validation(i: int, numerator: int, denominator: int) -> bool:
     offset = denominator - 2 * numerator
     return ((i + 1) * numerator + offset) // denominator > (i * numerator + offset) // denominator
@@ -450,7 +468,7 @@ def _process_batches(
             log(f"{docs:,} documents read, {len(results):,} of {next_batch:,} batches done; "
                 f"input {_progress(started, read)}")
 
-    for i, document in enumerate(reader):
+    for i, document in enumerate(part for document in reader for part in _parts(document)):
         split = "validation" if numerator and _is_validation(i, numerator, denominator) else "train"
         buffers[split].append(document)
         sizes[split] += len(document)

@@ -559,6 +559,26 @@ def test_validation_split(tmp_path: Path, vocab: Path) -> None:
     assert len(picked) == 10
 
 
+def test_one_long_book_still_has_validation_text(tmp_path: Path, vocab: Path) -> None:
+    """A corpus of one Gutenberg book is one document: it is cut into parts at paragraph breaks before the
+    split, so validation gets a part (and no part is shorter than PART_CHARS, but the last)."""
+    rng = np.random.default_rng(6)
+    paragraphs = [" ".join(sentence(rng) for _ in range(8)) for _ in range(700)]
+    book = tmp_path / "book.txt"
+    body = "\n\n".join(paragraphs)
+    book.write_text("*** START OF THE PROJECT GUTENBERG EBOOK A BOOK ***\n\n" + body
+                    + "\n\n*** END OF THE PROJECT GUTENBERG EBOOK A BOOK ***\n", encoding="utf-8")
+    parts = list(pipeline._parts(body, 20_000))
+    assert "\n\n".join(parts) == body and len(body) // 25_000 <= len(parts) <= len(body) // 20_000 + 1
+    assert all(len(p) >= 20_000 for p in parts[:-1]) and len(parts[-1]) <= 30_000 + len(paragraphs[0]) * 2
+    assert list(pipeline._parts("short", 20_000)) == ["short"]
+    out = tmp_path / "out"
+    summary = prep([book], out, vocab, validation_fraction=0.01)
+    manifest = json.loads((out / schema.MANIFEST_NAME).read_text())
+    assert manifest["splits"]["validation"]["documents"] == 1 and summary.instances["validation"] > 0
+    assert summary.instances["train"] > 0  # two parts of about PART_CHARS: the second is the validation one
+
+
 def test_train_vocab_writes_vocab_and_shards(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = cli.main(["--input", str(corpus), "--output", str(out), "--train-vocab", "120", "--workers", "1"])
