@@ -468,7 +468,7 @@ def _process_batches(
             log(f"{docs:,} documents read, {len(results):,} of {next_batch:,} batches done; "
                 f"input {_progress(started, read)}")
 
-    for i, document in enumerate(part for document in reader for part in _parts(document)):
+    for i, document in enumerate(part for whole in reader for part in _parts(whole)):
         split = "validation" if numerator and _is_validation(i, numerator, denominator) else "train"
         buffers[split].append(document)
         sizes[split] += len(document)

@@ -16,11 +16,10 @@ from test_data_prep import SPECIALS, WORDS, prep, read_split, vocab_ids, write_v
 from data_prep import cli
 from data_prep.instances import InstanceConfig, _mask_words, _packed_full_sentences, continuation_table
 from data_prep.segment import TokenizedBatch
-from pld_ds.data import schema
+from pld_ds.config import ConfigError
+from pld_ds.data import schema, shards
 from pld_ds.data.loader import ShardBatches
 from pld_ds.data.masking import DynamicMasking
-from pld_ds.config import ConfigError
-from pld_ds.data import shards
 from pld_ds.data.shards import ShardError
 
 # A vocabulary for hand-made rows: 0-4 special, 5..54 word starts, 55..104 "##" pieces.
@@ -333,7 +332,7 @@ def test_static_shards_masked_anew_at_thirty_percent(wordy, tmp_path):
     mask_id = vocab_ids(vocab)["[MASK]"]
     special = set(masking.special_ids)
     rates = []
-    for old, new, _ in zip(stored, anew, range(6)):
+    for old, new, _ in zip(stored, anew, range(6), strict=False):
         originals = old["input_ids"].clone()
         labelled = old["masked_lm_labels"] != -100
         originals[labelled] = old["masked_lm_labels"][labelled]
@@ -346,8 +345,9 @@ def test_static_shards_masked_anew_at_thirty_percent(wordy, tmp_path):
         rates.append(float(targets.sum()) / float(real.sum()))
         assert not (targets.numpy() & ~real).any()
     assert abs(np.mean(rates) - 0.3) < 0.02, rates
-    assert abs(float(np.mean([(b["masked_lm_labels"] != -100).float().mean() for b, _ in zip(stored, range(6))]))
-               - 0.15 * 62 / 64) < 0.03
+    stored_rate = np.mean([(b["masked_lm_labels"] != -100).float().mean()
+                           for b, _ in zip(stored, range(6), strict=False)])
+    assert abs(float(stored_rate) - 0.15 * 62 / 64) < 0.03
 
 
 def test_a_classifier_starts_from_an_mlm_only_model_with_a_fresh_pooler():
