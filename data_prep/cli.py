@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -205,12 +206,18 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # The workers start loading (imports, vocabulary) now, while this process imports the pipeline:
-    # on small corpora that start-up is a good part of the run.
+    if "numpy" not in sys.modules:  # this process is pld-prep, not a program that imported it
+        # pld-prep does no linear algebra: without this, importing numpy starts OpenBLAS's thread
+        # pool (about 0.03 CPU-seconds), and a process with a second thread cannot fork its workers.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # The workers start now, before this process opens a file or starts a thread: it imports their
+    # modules and forks them (workers.start_pool), and they load the vocabulary while it checks its
+    # inputs and reads the first batch. On small corpora that start-up is a good part of the run.
     # (Not when an input or the vocabulary is missing: that run ends at once with an error.)
     vocab = None if args.vocab is None else str(args.vocab)
     present = all(Path(p).exists() for p in args.input) and (vocab is None or Path(vocab).is_file())
-    pool = start_pool(args.workers or default_workers(), vocab, lowercase=not args.cased) if present else None
+    workers = args.workers or default_workers()
+    pool = start_pool(workers, vocab, lowercase=not args.cased, fork_here=True) if present else None
     from data_prep.pipeline import eprint, run
 
     # A scheduler's SIGTERM gets the same clean stop as Ctrl-C: no half files, resumable.

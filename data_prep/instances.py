@@ -32,10 +32,12 @@ import itertools
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data_prep.segment import TokenizedBatch
+if TYPE_CHECKING:  # segment imports blingfire, which only the workers need
+    from data_prep.segment import TokenizedBatch
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 A worker's start-up is mostly importing numpy, tokenizers, blingfire and h5py and loading the
 vocabulary. ``start_pool`` is called by the command line right after the arguments are
-parsed, before the parent imports the pipeline itself: the workers' start-up then runs while the
-parent does its own (imports, vocabulary check, reading the first batch), instead of after it. This
-module imports only the standard library for that reason.
+parsed, before the parent imports the pipeline itself, and returns at once: a thread waits for the
+processes to come up, so the workers' start-up runs while the parent does its own (imports,
+vocabulary check, reading the first batch), instead of before or after it. This module imports
+only the standard library for that reason.
 
 The pool carries no per-run state: each task brings the run's settings (see
 ``pipeline._use_context``), so the same processes serve whatever run they are handed to.
@@ -19,6 +20,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor
 
 
@@ -27,6 +29,11 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on every platform
         return max(1, os.cpu_count() or 1)
+
+
+# The modules a worker needs: the pipeline (numpy), and what only workers import: blingfire
+# through the segmenter, tokenizers for the vocabulary, h5py for the shards.
+WORKER_MODULES = ["data_prep.pipeline", "data_prep.segment", "tokenizers", "h5py"]
 
 
 def _die_with_parent() -> None:
@@ -55,19 +62,59 @@ def _context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["data_prep.pipeline"])  # no effect once the server runs: same modules
+    # Everything a worker imports, once, in the server (no effect once the server runs: same modules).
+    context.set_forkserver_preload(WORKER_MODULES)
     return context
 
 
-def start_pool(size: int, vocab: str | None = None, lowercase: bool = True) -> ProcessPoolExecutor | None:
+def can_fork_here() -> bool:
+    """Whether this process may fork its workers itself: on Linux, with no thread but this one.
+
+    A forked child runs only the thread that forked, and a lock another thread held stays locked
+    there for good; libraries start threads unasked (OpenBLAS does at import), so the kernel's
+    count is asked, not ``threading``'s. macOS forks unsafely: it has forkserver and spawn only.
+    """
+    if not sys.platform.startswith("linux") or "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def start_pool(
+    size: int, vocab: str | None = None, lowercase: bool = True, fork_here: bool = False
+) -> ProcessPoolExecutor | None:
     """A pool of ``size`` processes, all starting now (None for ``size <= 1``).
+
+    ``fork_here``: when ``can_fork_here()``, import the worker modules in this process and fork
+    the workers from it at once (the command line does this first thing, before it opens a file or
+    starts a thread): no forkserver interpreter to start and import the same modules again, no
+    resource tracker. Otherwise, and by default (a library caller may hold threads), the workers
+    come from a forkserver.
 
     Unlike multiprocessing.Pool, a worker that dies fails the run instead of hanging it.
     """
     if size <= 1:
         return None
+    if fork_here and can_fork_here():
+        for name in WORKER_MODULES:
+            importlib.import_module(name)
+        if can_fork_here():  # still (an import may start a thread)
+            context = multiprocessing.get_context("fork")
+            pool = ProcessPoolExecutor(size, mp_context=context, initializer=init_worker, initargs=(vocab, lowercase))
+            # With fork, the first task starts all `size` processes at once, before the pool's own thread.
+            pool.submit(os.getpid)
+            return pool
     pool = ProcessPoolExecutor(size, mp_context=_context(), initializer=init_worker, initargs=(vocab, lowercase))
     # ProcessPoolExecutor starts a process per submitted task until it has `size`: start them all now.
-    for _ in range(size):
-        pool.submit(os.getpid)
+    # Starting the first one waits until the forkserver, a fresh interpreter, has imported the
+    # worker modules and forked (about 0.2 s on one core): a thread waits for that, not the caller.
+    threading.Thread(target=_start_processes, args=(pool, size), name="pld-prep-pool-start").start()
     return pool
+
+
+def _start_processes(pool: ProcessPoolExecutor, size: int) -> None:
+    with contextlib.suppress(RuntimeError):  # the pool was shut down first (the run failed at once)
+        for _ in range(size):
+            pool.submit(os.getpid)

@@ -12,7 +12,6 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from pld_ds.data import schema
@@ -134,6 +133,10 @@ def shard_sizes(num_samples: int, num_shards: int) -> list[int]:
 
 
 def shard_is_complete(path: Path, key: str, num_samples: int) -> bool:
+    if not path.is_file():  # a fresh run: no h5py import for the parent, which only checks shards
+        return False
+    import h5py  # imported where used: pld-prep's parent rarely needs it, its workers have it already
+
     try:
         with h5py.File(path, "r") as f:
             return f.attrs.get(KEY_ATTR) == key and f[schema.INPUT_IDS.name].shape[0] == num_samples
@@ -192,6 +195,8 @@ def write_shard(
         data[schema.MASKED_LM_POSITIONS.name] = spill["masked_lm_positions"]
         data[schema.MASKED_LM_IDS.name] = spill["masked_lm_ids"]
     fields = schema.shard_fields(static_masking=not dynamic_masking, nsp=nsp)
+    import h5py
+
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs[KEY_ATTR] = key
         for field in fields:

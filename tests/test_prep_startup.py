@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_prep import read_split, run_cli, write_vocab, write_wiki
+from test_data_prep import REPO, SPECIALS, read_split, run_cli, write_vocab, write_wiki
 
 from data_prep import pipeline, workers
+from data_prep.vocab import WordPieceEncoder, load_vocab
 
 
 def prep(corpus: Path, output: Path, vocab: Path, count: int, pool: object = None, seed: int = 7) -> pipeline.Summary:
@@ -19,12 +23,101 @@ def prep(corpus: Path, output: Path, vocab: Path, count: int, pool: object = Non
     return pipeline.run(cfg, pool=pool)  # type: ignore[arg-type]
 
 
-def test_parent_imports_no_tokenizer_or_segmenter() -> None:
-    # The parent of a --vocab run tokenizes nothing: it must not pay for those imports before it can
-    # hand out the first batch (the workers import them, in parallel).
-    code = "import sys, data_prep.cli; print(sorted(m for m in ('blingfire', 'tokenizers') if m in sys.modules))"
+def test_pipeline_imports_no_tokenizer_segmenter_or_hdf5() -> None:
+    # A parent with a forkserver tokenizes nothing and writes no shard: it must not pay for those
+    # imports before it can hand out the first batch (the forkserver imports them, in parallel).
+    code = ("import sys, data_prep.cli, data_prep.pipeline; "
+            "print(sorted(m for m in ('blingfire', 'tokenizers', 'h5py') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+FORK_CHECK = """
+import os, sys, threading
+from data_prep import workers
+release = threading.Event()
+if sys.argv[1] == "with-thread":
+    threading.Thread(target=release.wait).start()
+pool = workers.start_pool(2, fork_here=True)
+parents = {pool.submit(os.getppid).result() for _ in range(6)}
+release.set()
+pool.shutdown()
+print("forked here" if parents == {os.getpid()} else "forkserver", sorted(sys.modules.keys() & {"h5py", "blingfire"}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked from the parent on Linux only")
+def test_single_threaded_parent_forks_its_workers_otherwise_a_forkserver_does() -> None:
+    # pld-prep forks its workers itself (no second interpreter importing numpy & co. again), but only
+    # while no other thread runs: a lock held by another thread would stay locked in the child.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}
+    results = {}
+    for case in ("alone", "with-thread"):
+        out = subprocess.run([sys.executable, "-c", FORK_CHECK, case], capture_output=True, text=True, env=env,
+                             timeout=120, check=True)
+        results[case] = out.stdout.strip()
+    assert results == {"alone": "forked here ['blingfire', 'h5py']", "with-thread": "forkserver []"}
+
+
+def test_pool_shut_down_while_its_processes_start_ends_quietly() -> None:
+    # The forkserver's processes start on a thread; a run that fails at once shuts the pool down
+    # while that thread may still be starting them: nothing may hang or stay running, and the
+    # thread, finding the pool shut down, stops without an error.
+    pool = workers.start_pool(2)
+    assert pool is not None
+    pool.shutdown(wait=False, cancel_futures=True)
+    starters = [t for t in threading.enumerate() if t.name == "pld-prep-pool-start"]
+    for thread in starters:
+        thread.join(timeout=60)
+    assert not any(t.is_alive() for t in starters)
+    pool.shutdown(wait=True)
+    closed = ProcessPoolExecutor(2)
+    closed.shutdown()
+    workers._start_processes(closed, 2)  # the order in which the shutdown comes first: no error
+
+
+def test_cli_forked_workers_write_the_one_process_shards(tmp_path: Path) -> None:
+    # pld-prep as a program (workers forked from it) and as one process give the same shards.
+    vocab = write_vocab(tmp_path / "vocab.txt")
+    corpus = write_wiki(tmp_path / "wiki_00", 60)
+    args = ["--input", str(corpus), "--vocab", str(vocab), "--dupe-factor", "2", "--seed", "3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("OPENBLAS_NUM_THREADS", None)  # the program sets it itself
+    subprocess.run([sys.executable, "-m", "data_prep", *args, "--output", str(tmp_path / "a"), "--workers", "2"],
+                   capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=True)
+    cfg = pipeline.PrepConfig(inputs=(str(corpus),), output=tmp_path / "b", vocab=vocab, workers=1, seed=3,
+                              dupe_factor=2)
+    alone = pipeline.run(cfg)
+    assert alone.instances["train"] > 0
+    for split in ("train", "validation"):
+        a, b = read_split(tmp_path / "a", split), read_split(tmp_path / "b", split)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_vocabulary_words_skip_hf_with_its_answer(tmp_path: Path, lowercase: bool) -> None:
+    # A word that is a vocabulary entry is looked up, not sent to HF: the answer must stay HF's for
+    # entries that are duplicated (HF keeps the last), longer than WordPiece's 100 characters (HF:
+    # [UNK]), cased, accented, or written with trailing blanks (HF strips them).
+    from tokenizers import BertWordPieceTokenizer
+
+    long = "x" * 120
+    tokens = [*SPECIALS, *"abcdefghijklmnopqrstuvwxyz", *("##" + c for c in "abcdefghijklmnopqrstuvwxyz"), ".",
+              "kalo", "mine", "kalo", "Toru", "toru", "café", "cafe", "sane  ", long, "##ne", "ka", "##lo"]
+    path = tmp_path / "vocab.txt"
+    path.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+    sentences = ["Kalo mine kalo.", "Toru toru TORU café cafe CAFÉ.", "sane sane  .", f"{long} {long[:99]} kaka",
+                 "kalokalo minemine", "ka lo ne kane"]
+    encoder = WordPieceEncoder(load_vocab(path, lowercase))
+    hf = BertWordPieceTokenizer(str(path), lowercase=lowercase)
+    expected = [r.ids for r in hf.encode_batch(sentences, add_special_tokens=False)]
+    assert hf.token_to_id("kalo") == len(tokens) - 1 - tokens[::-1].index("kalo")  # the duplicate's later id
+    for _ in range(2):  # from the vocabulary, then from the cache
+        ids, lengths = encoder.encode(sentences)
+        ends = np.cumsum(lengths)
+        assert [ids[e - n : e].tolist() for e, n in zip(ends, lengths, strict=True)] == expected
 
 
 def test_prestarted_pool_serves_runs_and_is_shut_down(tmp_path: Path) -> None:
@@ -87,4 +180,4 @@ def test_cli_starts_workers_first_unless_an_input_is_missing(
     assert code == 2 and "missing" in err and calls == []
     code, _ = run_cli(capsys, "--input", str(corpus), "--output", str(tmp_path / "o"), "--vocab", str(vocab),
                       "--workers", "3")
-    assert code == 0 and calls == [((3, str(vocab)), {"lowercase": True})]
+    assert code == 0 and calls == [((3, str(vocab)), {"lowercase": True, "fork_here": True})]
