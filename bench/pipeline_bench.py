@@ -5,9 +5,12 @@
     python bench/pipeline_bench.py model --layers-json layers.json --bandwidth-gbs 25 --micro-batches 8
 
 `run` trains the same model, seed and batches once per schedule with K processes (gloo) and reports the time
-per optimizer step (after --skip warm-up steps), each stage's idle fraction (time blocked waiting for a
-message, over the step time) and the loss trace. `layer-times` measures one layer's forward and backward and
-the heads' on this machine (any device torch sees). `model` predicts throughput against K from such times.
+per optimizer step (after --skip warm-up steps), the CPU seconds per step of all ranks together, each stage's
+idle fraction (time blocked waiting for a message, over the step time) and the loss trace: with a barrier
+before every step, then --free-steps back to back, then --loop-steps back to back with pld-pretrain's
+pre-emption check (checkpoint.Preemption.requested) after each, as its training loop makes it.
+`layer-times` measures one layer's forward and backward and the heads' on this machine (any device torch
+sees). `model` predicts throughput against K from such times.
 
 The cost model, per pipeline replica, G micro-batches per optimizer step, stage k holding layers L_k:
   F_k, B_k   forward and backward time of stage k per micro-batch (sum of its layers' times, plus the
@@ -15,7 +18,8 @@ The cost model, per pipeline replica, G micro-batches per optimizer step, stage 
   sync       T = (G + K - 1) * max_k (F_k + B_k + 2c): GPipe, a fill and a drain every step
   ouroboros  T = G * max_k (F_k + R_k + B_k, 2c): no flush, every stage busy; R_k = F_k, the recomputed
              forward of a stage with stale gradients (every stage but the last)
-  ouroboros with a per-step barrier (what pld-pretrain's loop gives: it all-reduces once per step)
+  ouroboros with a per-step barrier (any blocking collective every step lines the stages up; pld-pretrain's
+             loop had one, its pre-emption check, until that check became lagged and asynchronous)
              T = (G + K - 1) * max_k (F_k + c) + G * max_k (R_k + B_k + c)
   throughput = G * micro-batch / T
 It ignores the optimizer step and the data-parallel all-reduce (the same for both schedules), and assumes
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -63,8 +68,8 @@ def predict(times: dict[str, float], num_layers: int, stages: int, micro_batches
     sync = (micro_batches + stages - 1) * max(f + b + 2 * comm for f, b in per_stage)
     ouro = micro_batches * max(max(f + (f if k < stages - 1 else 0.0) + b, 2 * comm)
                                for k, (f, b) in enumerate(per_stage))
-    # pld-pretrain's loop all-reduces once per step (pre-emption check): the forward then fills the pipeline
-    # every step, and only the backward runs without a fill.
+    # A blocking collective every step (a barrier): the forward then fills the pipeline every step, and only the
+    # backward runs without a fill.
     barrier = ((micro_batches + stages - 1) * max(f + comm for f, _ in per_stage)
                + micro_batches * max((f if k < stages - 1 else 0.0) + b + comm for k, (f, b) in enumerate(per_stage)))
     samples = micro_batches * micro_batch
@@ -146,6 +151,7 @@ def run_rank(rank: int, args: argparse.Namespace, schedule: str, port: int, out:
     torch.set_num_threads(args.threads)
     import torch.distributed as dist
 
+    from pld_ds.checkpoint import Preemption
     from pld_ds.config import model_config, padded_vocab_size
     from pld_ds.data.loader import ShardBatches
     from pld_ds.data.shards import find_shards
@@ -175,32 +181,75 @@ def run_rank(rank: int, args: argparse.Namespace, schedule: str, port: int, out:
                 yield synthetic_batch(batch=args.micro_batch, seq_len=args.seq_len, vocab=vocab, seed=i % 64)
                 i += 1
         batches = synthetic()
-    losses, times = [], []
+    losses, times, cpu = [], [], 0.0
     for step in range(args.steps):
         dist.barrier()  # each step timed alone; Ouroboros between steps is measured without it (below)
         if step == args.skip:
             engine.optimizer_scalars()  # restarts the idle-time counters
+            cpu = -cpu_seconds()
         start = time.perf_counter()
         step_losses = engine.train_batch(batches)
         times.append(time.perf_counter() - start)
         losses.append(step_losses["loss"].item() if "loss" in step_losses else None)
+    cpu += cpu_seconds()
     scalars = engine.optimizer_scalars()
     # Back-to-back steps with no barrier: Ouroboros' stages then overlap consecutive steps.
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(args.free_steps):
-        engine.train_batch(batches)
-    engine.collect_in_flight()
-    dist.barrier()
-    free = (time.perf_counter() - start) / max(args.free_steps, 1)
+    free = back_to_back(engine, batches, args.free_steps, lambda: None)
+    # Back to back with pld-pretrain's pre-emption check after every step, as its loop does.
+    with Preemption() as preemption:
+        loop = back_to_back(engine, batches, args.loop_steps, preemption.requested)
     mine = {"rank": rank, "stage": engine.stage_index, "layers": engine.module.layer_ids, "losses": losses,
-            "times": times, "scalars": scalars, "free_step_s": free}
+            "times": times, "scalars": scalars, "cpu_per_step": cpu / max(args.steps - args.skip, 1),
+            "free_step_s": free["step_s"], "free": free, "loop": loop}
     gathered: list = [None] * args.stages
     dist.all_gather_object(gathered, mine)
     if rank == 0:
         Path(out).write_text(json.dumps(gathered))
     engine.engine.destroy()
     dist.destroy_process_group()
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (every thread: torch's and the communication library's)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def back_to_back(engine: Any, batches: Any, steps: int, after_step: Any) -> dict[str, Any]:
+    """`steps` training steps with no barrier between them, `after_step()` after each: wall and CPU seconds per
+    step, and this stage's idle fraction over them."""
+    import torch.distributed as dist
+
+    engine.optimizer_scalars()  # restarts the idle-time counters
+    dist.barrier()
+    start, cpu, in_check = time.perf_counter(), cpu_seconds(), 0.0
+    for _ in range(steps):
+        engine.train_batch(batches)
+        checked = time.perf_counter()
+        after_step()
+        in_check += time.perf_counter() - checked
+    engine.collect_in_flight()
+    dist.barrier()
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    idle = engine.optimizer_scalars()[f"pipeline/idle_fraction_stage{engine.stage_index}"]
+    return {"step_s": wall / max(steps, 1), "cpu_per_step": cpu / max(steps, 1), "idle_fraction": idle,
+            "after_step_s": in_check / max(steps, 1)}
+
+
+def phase_summary(ranks: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """One back-to-back phase over all ranks: the slowest rank's wall time, all ranks' CPU time, idle per stage."""
+    return {"step_s": max(r[key]["step_s"] for r in ranks),
+            "cpu_per_step": sum(r[key]["cpu_per_step"] for r in ranks),
+            "idle_fraction": {f"stage{r['stage']}": r[key]["idle_fraction"] for r in ranks},
+            "after_step_s": {f"stage{r['stage']}": r[key]["after_step_s"] for r in ranks}}
+
+
+def describe(name: str, phase: dict[str, Any]) -> str:
+    idle = "/".join(f"{v:.2f}" for v in phase["idle_fraction"].values())
+    text = f"{name} {phase['step_s']:.3f} s/step, {phase['cpu_per_step']:.3f} CPU s/step, idle {idle}"
+    if "after_step_s" in phase:  # seconds per step each stage spent in the check (waiting for the others)
+        text += ", in the check " + "/".join(f"{v:.3f}" for v in phase["after_step_s"].values()) + " s"
+    return text
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,15 +270,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         last = next(r for r in ranks if r["losses"][0] is not None)
         timed = [max(r["times"][i] for r in ranks) for i in range(args.skip, args.steps)]
         tail = [v for v in last["losses"][-args.tail:]]
-        results[schedule] = {
+        by_stage = sorted(ranks, key=lambda r: r["stage"])
+        results[schedule] = result = {
             "step_s": sum(timed) / len(timed), "free_step_s": max(r["free_step_s"] for r in ranks),
+            "cpu_per_step": sum(r["cpu_per_step"] for r in ranks),
             "idle_fraction": {f"stage{int(r['stage'])}": r["scalars"][f"pipeline/idle_fraction_stage{r['stage']}"]
-                              for r in ranks},
+                              for r in by_stage},
+            "back_to_back": phase_summary(by_stage, "free"), "with_preemption_check": phase_summary(by_stage, "loop"),
             "losses": last["losses"], "final_loss": sum(tail) / len(tail),
-            "partition": {f"stage{r['stage']}": r["layers"] for r in ranks}, "wall_s": time.perf_counter() - started}
-        print(f"{schedule:>9}: {results[schedule]['step_s']:.3f} s/step (barrier each step), "
-              f"{results[schedule]['free_step_s']:.3f} s/step back to back, idle {results[schedule]['idle_fraction']}, "
-              f"loss over the last {args.tail} steps {results[schedule]['final_loss']:.4f}", flush=True)
+            "partition": {f"stage{r['stage']}": r["layers"] for r in by_stage}, "wall_s": time.perf_counter() - started}
+        print(f"{schedule:>9}: " + "; ".join(describe(name, phase) for name, phase in (
+            ("barrier each step", result), ("back to back", result["back_to_back"]),
+            ("with the pre-emption check", result["with_preemption_check"])))
+            + f"; loss over the last {args.tail} steps {result['final_loss']:.4f}", flush=True)
     return results
 
 
@@ -276,6 +329,8 @@ def main() -> None:
     run.add_argument("--steps", type=int, default=40)
     run.add_argument("--skip", type=int, default=3, help="steps left out of the timing (start-up)")
     run.add_argument("--free-steps", type=int, default=5, help="extra steps timed back to back, no barrier")
+    run.add_argument("--loop-steps", type=int, default=5,
+                     help="then steps timed back to back with pld-pretrain's pre-emption check after each")
     run.add_argument("--tail", type=int, default=5, help="final loss: mean over the last N steps")
     run.add_argument("--micro-batch", type=int, default=8)
     run.add_argument("--micro-batches", type=int, default=4, help="gradient_accumulation_steps")

@@ -216,33 +216,66 @@ class Preempted(Exception):  # noqa: N818 - a stop, not an error
 
 class Preemption:
     """SIGTERM and SIGUSR1 (what SLURM and the deepspeed launcher send before killing a job) only set a
-    flag; the training loop asks ``requested()`` at each step boundary, which agrees across ranks so
-    that every rank saves and stops at the same step."""
+    flag; the training loop asks ``requested()`` at each step boundary, and every rank stops at the same step.
+
+    On several ranks the agreement is lagged so that it never lines the ranks up: the check at step t starts a
+    non-blocking all-reduce (MAX) of this rank's flag and returns the result of the one started at step t - 1,
+    complete by then unless some rank is more than a step behind. Every rank reads the same sequence of results,
+    so all stop at the same step: one step after the first check that found a signal on any rank. A blocking
+    all-reduce would make every rank wait for the slowest at every step boundary, which takes back the overlap
+    of consecutive steps that the Ouroboros pipeline schedule exists for.
+
+    The flag travels on a process group of its own, gloo on CPU tensors whatever the training backend: a pending
+    collective then neither queues behind nor holds up the pipeline's point-to-point messages (NCCL runs one
+    communicator's operations in issue order on one stream, so a pending all-reduce on the training group would
+    hold the next step's sends until the slowest rank arrived), and reading it needs no device synchronisation.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.signum = 0
         self._previous: dict[int, Any] = {}
+        self._group: Any = None
+        self._pending: tuple[Any, torch.Tensor] | None = None  # (the all-reduce's handle, its flag tensor)
 
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo")  # every rank enters at the same point of the run
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        pending, self._pending = self._pending, None
+        if exc_type is not None or self._group is None:
+            # On an error the handle is let go, never waited for here: every rank that got as far as the check
+            # that started it also started it, so it completes (or fails when a rank dies) within about a step,
+            # and the process exit that waits for gloo's worker thread is held no longer than that.
+            return
+        if pending is not None:  # a normal end: every rank made the same checks, the last one completes now
+            pending[0].wait()
+        dist.destroy_process_group(self._group)
+        self._group = None
 
     def _handle(self, signum: int, frame: object) -> None:
         self.signum = self.signum or signum
 
-    def requested(self, device: torch.device | str = "cpu") -> int:
-        """The signal number if any rank got one (0: none)."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
+    def requested(self) -> int:
+        """The signal number if a rank got one by its previous check (0: none); in one process, by now."""
+        if self._group is None:
             return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        agreed = 0
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            agreed = int(flag.item())
+        self._pending = None
+        if not agreed:  # after a stop is agreed no rank starts another
+            flag = torch.tensor([self.signum], dtype=torch.int64)
+            self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+        return agreed

@@ -346,7 +346,7 @@ def _run(args: argparse.Namespace, outputs: startup.FreshOutputs) -> dict[str, f
                     engine, offset = drawn  # the slim model's engine, whose steps count from the draw
             else:
                 saver.after_step(engine, step)
-            if signum := preemption.requested(engine.device):
+            if signum := preemption.requested():
                 raise saver.preempted(engine, step, signum, searching=ticket.searching)
             progress.update(step, scalars)
     last = offset + engine.global_steps

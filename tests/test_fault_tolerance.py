@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 from fault_injection import Run, command, final_state, make_data, partial_folders, reference, trial
-from pld_helpers import REPO, console_script, free_port, torch_threads
+from pld_helpers import REPO, child_env, console_script, free_port, torch_threads
 
 from pld_ds import checkpoint
 from pld_ds.checkpoint import Checkpointer, CheckpointError, newest, safe_load
@@ -323,3 +323,56 @@ def test_fault_injection_script_reports_each_trial_and_fails_if_one_does(tmp_pat
         "trial 3: ok: kill after step 9; weights equal", "2/3"]
     monkeypatch.setattr(fault_injection, "trial", lambda *args: (True, "fine"))
     assert fault_injection.main(["--trials", "2"]) == 0
+
+
+# -- pre-emption agreed across ranks, one step late, without lining the ranks up ----------------------
+
+
+def preemption_ranks(scenario: str, folder: Path) -> list[tuple[int, dict, str, float]]:
+    """Both ranks of tests/preemption_worker.py: (exit code, its JSON line, stderr, seconds to exit) each."""
+    import json
+    import subprocess
+    import sys
+
+    port, started = free_port(), time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "preemption_worker.py"), scenario, str(rank),
+                               str(port), str(folder)], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=90)
+            lines = [line for line in out.splitlines() if line.startswith("{")]
+            results.append((proc.returncode, json.loads(lines[0]) if lines else {}, err,
+                            time.monotonic() - started))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return results
+
+
+def test_ranks_agree_on_a_stop_one_step_after_the_signal_without_waiting_for_each_other(tmp_path):
+    """Rank 1 is a step behind (it starts check 2 only after rank 0's check 2 returned: a blocking agreement would
+    deadlock here until rank 1 gives up waiting) and alone gets SIGUSR1, during step 3: both ranks read it at
+    check 4 and stop there, at the same step."""
+    (code0, rank0, err0, _), (code1, rank1, err1, _) = preemption_ranks("signal", tmp_path)
+    assert code0 == 0 and code1 == 0, (err0[-2000:], err1[-2000:])
+    assert rank1["peer_check2_returned_first"] is True
+    assert rank1["own_flag_at_check3"] == signal.SIGUSR1
+    assert rank0["checks"] == rank1["checks"] == [0, 0, 0, signal.SIGUSR1]
+
+
+@pytest.mark.parametrize("scenario", ["end", "error"])
+def test_a_pending_check_never_holds_the_exit(tmp_path, scenario):
+    """A normal end waits for the last check's all-reduce; an error lets it go. Either way both processes exit in
+    seconds, without "terminate called" from a collective still running."""
+    (code0, rank0, err0, seconds0), (code1, rank1, err1, seconds1) = preemption_ranks(scenario, tmp_path)
+    assert rank0["checks"] == rank1["checks"] == [0, 0, 0]
+    assert "terminate called" not in err0 + err1
+    assert max(seconds0, seconds1) < 60
+    if scenario == "end":
+        assert code0 == 0 and code1 == 0, (err0[-2000:], err1[-2000:])
+    else:  # rank 0 failed; rank 1, waiting for its message, fails when rank 0 is gone
+        assert code0 == 1 and "rank 0 failed after its check 3" in err0, err0[-2000:]
+        assert code1 != 0
