@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -26,26 +27,29 @@ KEY_ATTR = "pld_prep_key"
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path, sync_dir: bool = True) -> Iterator[Path]:
+def atomic_path(path: Path, sync_dir: bool = True, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write ``path`` through; on success it is fsynced and renamed.
 
     ``sync_dir=False`` leaves the folder's fsync to a later file in the same folder (one fsync
-    makes all earlier renames in it durable).
+    makes all earlier renames in it durable). ``durable=False``: renamed without any fsync, for
+    scratch files whose reader checks them (a reader never sees half a file; a machine crash may
+    leave one).
     """
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    if sync_dir:
+    if sync_dir and durable:
         _fsync_dir(path.parent)
 
 
@@ -101,20 +105,36 @@ def _spill_meta(spill_dir: Path, batch: int) -> Path:
 def write_spill(
     spill_dir: Path, batch: int, arrays: dict[str, np.ndarray | None], dtypes: dict[str, np.dtype], stats: dict
 ) -> None:
-    """Store one batch's instances; the small JSON written last marks the batch complete."""
+    """Store one batch's instances; the small JSON written last marks the batch complete.
+
+    Spill files are scratch, deleted seconds later in a small run, so they are not fsynced (that and
+    deleting synced files took a good part of a small run's end). Instead the JSON holds each
+    array's CRC-32, and a re-run reuses the batch only if its arrays still match
+    (``read_spill_meta``): a batch that a machine crash left incomplete is made again.
+    """
+    checksums = {}
     for name in SPILL_ARRAYS:
         array = arrays[name]
         if array is None:
             continue
-        with atomic_path(_spill_file(spill_dir, batch, name), sync_dir=False) as tmp, open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array, dtype=dtypes[name]))
-    atomic_write_text(_spill_meta(spill_dir, batch), json.dumps(stats))
+        data = np.ascontiguousarray(array, dtype=dtypes[name])
+        checksums[name] = zlib.crc32(data)
+        with atomic_path(_spill_file(spill_dir, batch, name), durable=False) as tmp, open(tmp, "wb") as f:
+            np.save(f, data)
+    with atomic_path(_spill_meta(spill_dir, batch), durable=False) as tmp:
+        tmp.write_text(json.dumps({"stats": stats, "crc32": checksums}), encoding="utf-8")
 
 
 def read_spill_meta(spill_dir: Path, batch: int) -> dict | None:
+    """The stats of a finished batch whose arrays are intact; None when it has to be made (again)."""
     try:
-        return json.loads(_spill_meta(spill_dir, batch).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        meta = json.loads(_spill_meta(spill_dir, batch).read_text(encoding="utf-8"))
+        checksums = meta["crc32"]
+        for name, expected in checksums.items():
+            if zlib.crc32(np.ascontiguousarray(np.load(_spill_file(spill_dir, batch, name)))) != expected:
+                return None
+        return dict(meta["stats"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None
 
 

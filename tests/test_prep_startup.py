@@ -181,3 +181,28 @@ def test_cli_starts_workers_first_unless_an_input_is_missing(
     code, _ = run_cli(capsys, "--input", str(corpus), "--output", str(tmp_path / "o"), "--vocab", str(vocab),
                       "--workers", "3")
     assert code == 0 and calls == [((3, str(vocab)), {"lowercase": True, "fork_here": True})]
+
+
+def test_spill_batches_are_reused_only_when_their_arrays_are_intact(tmp_path: Path) -> None:
+    # Spill files are not fsynced: a re-run checks each array against the CRC-32 in the batch's
+    # JSON, so a batch that a machine crash left with stale or missing bytes is made again.
+    from data_prep import writer
+
+    arrays = {name: None for name in writer.SPILL_ARRAYS}
+    arrays.update(input_ids=np.arange(40, dtype=np.int64).reshape(4, 10), lengths=np.array([10, 9, 8, 7]),
+                  b_starts=np.array([3, 4, 5, 2]), next_sentence_labels=np.array([0, 1, 1, 0]))
+    stats = {"documents": 2, "instances": 4}
+    dtypes = writer.spill_dtypes(100)
+    writer.write_spill(tmp_path, 3, arrays, dtypes, stats)
+    assert writer.read_spill_meta(tmp_path, 3) == stats
+    assert writer.read_spill_meta(tmp_path, 4) is None  # never written
+    ids = next(tmp_path.glob("batch_000003.input_ids.npy"))
+    good = ids.read_bytes()
+    ids.write_bytes(good[:-2] + bytes([good[-2] ^ 1, good[-1]]))  # same size, one bit changed
+    assert writer.read_spill_meta(tmp_path, 3) is None
+    ids.write_bytes(good[: len(good) // 2])  # cut short
+    assert writer.read_spill_meta(tmp_path, 3) is None
+    ids.write_bytes(good)
+    assert writer.read_spill_meta(tmp_path, 3) == stats
+    (tmp_path / "batch_000003.json").write_text('{"documents": 2, "instances": 4}')  # no checksums
+    assert writer.read_spill_meta(tmp_path, 3) is None
