@@ -5,11 +5,19 @@
         --arm preln-pld:pld=on,lr=1e-3 --reference preln --seeds 1 2 [--cap 1.5] [--minutes M] [-- pretrain flags]
 
 An arm is NAME:KEY=VALUE,... with keys ln (pre|post: the model's LayerNorm layout), pld (on|off), lr (peak
-learning rate), theta and gamma (the PLD block). Without --arm the two classic arms run: `baseline` (PLD off,
---baseline-lr) and `pld` (PLD on, --pld-lr). Every arm trains the same preset on the same shards for the same
-seeds, with the same learning-rate schedule: warm-up, then linear decay planned over --cap x --samples (so an
-arm that continues past the budget still has a learning rate). Each run evaluates validation MLM loss every
---eval-every samples.
+learning rate), theta and gamma (the PLD block), and its parallel layout over the --world-size ranks: stages
+(K pipeline stages; 1: data parallel), schedule (sync|ouroboros), warmup (Ouroboros' synchronous steps) and
+staleness (ddg|N), over the config's pipeline block (none: data parallel). So data-parallel, sync-pipeline and
+Ouroboros runs compare on time to loss:
+
+    pld-compare ... --launcher "deepspeed --num_gpus 2" --world-size 2 --arm dp:stages=1 --arm sync:stages=2 \
+        --arm ouro:stages=2,schedule=ouroboros,warmup=10
+
+Without --arm the two classic arms run: `baseline` (PLD off, --baseline-lr) and `pld` (PLD on, --pld-lr).
+Every arm trains the same preset on the same shards for the same seeds and global batch (the config's; an arm
+with fewer data-parallel replicas takes more micro-batches per step), with the same learning-rate schedule:
+warm-up, then linear decay planned over --cap x --samples (so an arm that continues past the budget still has a
+learning rate). Each run evaluates validation MLM loss every --eval-every samples.
 
 The reference arm (--reference, default the first) stops at --samples; its mean final validation loss over
 the seeds is the target. Every other arm stops at --samples too if it has reached the target by then, else it
@@ -42,7 +50,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pld_ds.config import MODEL_PRESETS, PLD_KEY, ConfigError, pipeline_config, read_json, split_ds_config
+from pld_ds.config import (
+    MODEL_PRESETS,
+    PIPELINE_KEY,
+    PIPELINE_SCHEDULES,
+    PLD_KEY,
+    ConfigError,
+    PipelineConfig,
+    model_config,
+    pipeline_config,
+    read_json,
+    split_ds_config,
+)
 from pld_ds.errors import ArgumentParser, UserError, one_line_errors
 
 RUNS = ("baseline", "pld")  # the arms when none is given
@@ -60,10 +79,60 @@ class Arm:
     lr: float | None = None  # None: the config's
     theta: float | None = None  # None: the config's block, else 0.5
     gamma: float | None = None  # None: the config's block, else 0.001
+    # The parallel layout; None: the config's pipeline block (no block: data parallel over every rank).
+    stages: int | None = None  # K; 1 is data parallel
+    schedule: str | None = None  # sync or ouroboros
+    warmup: int | None = None  # Ouroboros' synchronous warm-up steps (the block's warmup_steps)
+    staleness: int | None = None  # Ouroboros' delay per stage boundary ("ddg" is 1)
+
+    @property
+    def sets_layout(self) -> bool:
+        return any(v is not None for v in (self.stages, self.schedule, self.warmup, self.staleness))
+
+
+# key -> (what it expects, for the message; the Arm field it sets; value parser that raises ValueError)
+def _number(low_open: bool) -> Any:
+    def parse(value: str) -> float:
+        number = float(value)
+        if not math.isfinite(number) or number < 0 or (low_open and number == 0):
+            raise ValueError
+        return number
+    return parse
+
+
+def _integer(minimum: int) -> Any:
+    def parse(value: str) -> int:
+        number = int(value)
+        if number < minimum:
+            raise ValueError
+        return number
+    return parse
+
+
+def _choice(*options: str, to: Any = str) -> Any:
+    def parse(value: str) -> Any:
+        if value not in options:
+            raise ValueError
+        return to(value)
+    return parse
+
+
+ARM_KEYS: dict[str, tuple[str, str, Any]] = {
+    "ln": ("pre|post", "layer_norm", _choice("pre", "post")),
+    "pld": ("on|off", "pld", _choice("on", "off", to=lambda v: v == "on")),
+    "lr": ("NUMBER>0", "lr", _number(low_open=True)),
+    "theta": ("NUMBER in (0, 1]", "theta", _number(low_open=True)),
+    "gamma": ("NUMBER>=0", "gamma", _number(low_open=False)),
+    "stages": ("INTEGER>=1 (pipeline stages; 1: data parallel)", "stages", _integer(1)),
+    "schedule": ("sync|ouroboros", "schedule", _choice(*PIPELINE_SCHEDULES)),
+    "warmup": ("INTEGER>=0 (Ouroboros' synchronous steps)", "warmup", _integer(0)),
+    "staleness": ("ddg|INTEGER>=0", "staleness", lambda v: 1 if v == "ddg" else _integer(0)(v)),
+}
 
 
 def parse_arm(text: str) -> Arm:
-    """NAME:KEY=VALUE,... (keys ln, pld, lr, theta, gamma), e.g. postln:ln=post,lr=1e-4."""
+    """NAME:KEY=VALUE,... (keys ln, pld, lr, theta, gamma; stages, schedule, warmup, staleness), e.g.
+    postln:ln=post,lr=1e-4 or ouro:stages=2,schedule=ouroboros."""
     name, _, spec = text.partition(":")
     if not _ARM_NAME.fullmatch(name):
         raise argparse.ArgumentTypeError(f"arm {text!r}: expected NAME:KEY=VALUE,... with a name of letters, digits, "
@@ -71,24 +140,16 @@ def parse_arm(text: str) -> Arm:
     fields: dict[str, Any] = {"name": name}
     for item in filter(None, spec.split(",")):
         key, eq, value = item.partition("=")
+        if key not in ARM_KEYS:
+            raise argparse.ArgumentTypeError(f"arm {name}: {item!r}: unknown key {key!r} (expected KEY=VALUE with KEY "
+                                             f"one of {', '.join(ARM_KEYS)})")
+        expected, field_name, parse = ARM_KEYS[key]
         try:
             if not eq:
                 raise ValueError
-            if key == "ln" and value in ("pre", "post"):
-                fields["layer_norm"] = value
-            elif key == "pld" and value in ("on", "off"):
-                fields["pld"] = value == "on"
-            elif key in ("lr", "theta", "gamma"):
-                number = float(value)
-                if not math.isfinite(number) or number < 0 or (key != "gamma" and number == 0):
-                    raise ValueError
-                fields[key] = number
-            else:
-                raise ValueError
+            fields[field_name] = parse(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"arm {name}: {item!r}: expected ln=pre|post, pld=on|off, lr=NUMBER>0, theta=NUMBER in (0, 1] "
-                "or gamma=NUMBER>=0") from None
+            raise argparse.ArgumentTypeError(f"arm {name}: {item!r}: expected {key}={expected}") from None
     return Arm(**fields)
 
 
@@ -101,7 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="mini", help="preset or model JSON (a slim EarlyBERT model too)")
     p.add_argument("--samples", type=int, required=True, help="training samples per run (the budget)")
     p.add_argument("--arm", action="append", type=parse_arm, default=[], metavar="NAME:KEY=VALUE,...",
-                   help="an arm (repeat): keys ln=pre|post, pld=on|off, lr, theta, gamma")
+                   help="an arm (repeat): keys ln=pre|post, pld=on|off, lr, theta, gamma; its layout: stages=K (1: "
+                        "data parallel), schedule=sync|ouroboros, warmup=N, staleness=ddg|N (default: the config's "
+                        "pipeline block), e.g. --arm dp:stages=1 --arm ouro:stages=2,schedule=ouroboros")
     p.add_argument("--reference", help="the arm whose final loss is the target (default: the first)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds, each arm runs once per seed (default: --seed)")
     p.add_argument("--cap", type=float, default=1.5,
@@ -174,7 +237,7 @@ class Plan:
     eval_interval: int  # steps
     lrs: dict[str, float | None]
     pld: dict[str, Any]  # the block of the (first) PLD arm; {"enabled": False} when none has PLD
-    arms: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> ln, pld block, lr
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> ln, pld block, lr, layout
 
 
 def _set_lr(config: dict[str, Any], lr: float, source: str) -> None:
@@ -188,8 +251,55 @@ def _set_lr(config: dict[str, Any], lr: float, source: str) -> None:
             scheduler[key] = lr
 
 
+def arm_layout(full: dict[str, Any], arm: Arm, world_size: int, num_layers: int, zero_stage: int
+               ) -> dict[str, Any] | None:
+    """The arm's pipeline block (None: data parallel over every rank): the config's, with the arm's keys over it."""
+    where = f"arm {arm.name}"
+    base = full.get(PIPELINE_KEY)
+    block = dict(base) if isinstance(base, dict) else {}
+    if arm.stages is not None:
+        block["stages"] = arm.stages
+    if arm.schedule == "sync":  # the inherited Ouroboros settings go with the schedule they belong to
+        block.pop("staleness", None)
+        block.pop("warmup_steps", None)
+    for key, value in (("schedule", arm.schedule), ("warmup_steps", arm.warmup), ("staleness", arm.staleness)):
+        if value is not None:
+            block[key] = value
+    pipe = PipelineConfig.from_dict(block, where)
+    if pipe.stages == 1:
+        given = next((f"{key}={value}" for key, value in (("schedule", arm.schedule), ("warmup", arm.warmup),
+                                                          ("staleness", arm.staleness)) if value is not None), None)
+        if given:
+            raise ConfigError(f"{where}: {given}: needs a pipeline (expected stages=K with K > 1 as well; with one "
+                              "stage the arm runs data parallel)")
+        return None
+    if pipe.schedule == "sync" and arm.warmup is not None:
+        raise ConfigError(f"{where}: warmup={arm.warmup}: only the ouroboros schedule has a warm-up (expected "
+                          "schedule=ouroboros, or no warmup)")
+    pipe.check_fit(world_size, num_layers, zero_stage, where)
+    return block
+
+
+def layout_text(block: dict[str, Any] | None, world_size: int) -> str:
+    """How an arm's ranks are laid out, for the report: `dp x2`, `sync K=2`, `ouroboros K=2 x2, warm-up 10`."""
+    if block is None:
+        return f"dp x{world_size}"
+    pipe = PipelineConfig.from_dict(block)
+    text = f"{pipe.schedule} K={pipe.stages}"
+    if world_size // pipe.stages > 1:
+        text += f" x{world_size // pipe.stages}"
+    if pipe.schedule == "ouroboros":
+        if pipe.staleness != 1:
+            text += f", staleness {pipe.staleness}"
+        if pipe.warmup_steps:
+            text += f", warm-up {pipe.warmup_steps}"
+    return text
+
+
 def run_configs(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], Plan]:
-    """The DeepSpeed JSON of each arm, and the shared plan (budget, cap, evaluation cadence)."""
+    """The DeepSpeed JSON of each arm, and the shared plan (budget, cap, evaluation cadence). The global batch is
+    the config's (micro-batch x gradient_accumulation_steps x replicas of its pipeline block, world / K); an arm
+    with another layout keeps it by its gradient accumulation (a pipeline's micro-batches per step)."""
     source = args.deepspeed_config
     full = read_json(source, "DeepSpeed config")
     ds_config, pld_cfg, _ = split_ds_config(full, pipeline_engine=True)  # validates the PLD and pipeline blocks
@@ -208,23 +318,47 @@ def run_configs(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], Pl
     eval_interval = max(1, round(eval_every / global_batch))
     theta = args.theta if args.theta is not None else (pld_cfg.theta if pld_cfg.enabled else 0.5)
     gamma = args.gamma if args.gamma is not None else (pld_cfg.gamma if pld_cfg.enabled else 0.001)
+    arms = arms_of(args)
+    zero = ds_config.get("zero_optimization", {})
+    zero_stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    num_layers = model_config(args.model).num_layers if any(arm.sets_layout for arm in arms) else 0
     configs, described = {}, {}
-    for arm in arms_of(args):
+    for arm in arms:
         config = copy.deepcopy(full)
         block = {"enabled": True, "theta": arm.theta if arm.theta is not None else theta,
                  "gamma": arm.gamma if arm.gamma is not None else gamma} if arm.pld else {"enabled": False}
         config[PLD_KEY] = block
         if arm.lr is not None:
             _set_lr(config, arm.lr, source)
+        pipe = config.get(PIPELINE_KEY)
+        if arm.sets_layout:
+            pipe = arm_layout(full, arm, args.world_size, num_layers, zero_stage)
+            config.pop(PIPELINE_KEY, None)
+            if pipe is not None:
+                config[PIPELINE_KEY] = pipe
+        arm_stages = PipelineConfig.from_dict(pipe).stages if pipe is not None else 1
+        replicas = args.world_size // arm_stages
+        if global_batch % (micro * replicas):
+            raise ConfigError(f"arm {arm.name}: stages={arm_stages}: the global batch of {global_batch} samples is not "
+                              f"a whole number of micro-batches of {micro} on each of its {replicas} replicas "
+                              "(expected train_micro_batch_size_per_gpu x replicas to divide it)")
+        config["gradient_accumulation_steps"] = global_batch // (micro * replicas)
+        if "train_batch_size" in config:
+            config["train_batch_size"] = global_batch
         scheduler = config.get("scheduler", {})
         if scheduler.get("type") == "WarmupDecayLR":  # one schedule for every arm, long enough for the cap
             params = scheduler.setdefault("params", {})
             params["total_num_steps"] = cap_steps
             params["warmup_num_steps"] = min(params.get("warmup_num_steps", 0), max(1, steps // 10))
-        split_ds_config(config, pipeline_engine=True)  # the block we wrote must be valid (θ̄, γ from flags or arm)
+        try:  # the blocks we wrote must be valid (θ̄, γ from flags or arm)
+            split_ds_config(config, pipeline_engine=True)
+        except ConfigError as err:
+            raise ConfigError(f"arm {arm.name}: {err}") from None
         configs[arm.name] = config
         described[arm.name] = {"layer_norm": arm.layer_norm, "pld": block,
-                               "lr": config.get("optimizer", {}).get("params", {}).get("lr")}
+                               "lr": config.get("optimizer", {}).get("params", {}).get("lr"),
+                               "pipeline": pipe, "layout": layout_text(pipe, args.world_size),
+                               "gradient_accumulation_steps": config["gradient_accumulation_steps"]}
     lrs = {name: arm["lr"] for name, arm in described.items()}
     first_pld = next((arm["pld"] for arm in described.values() if arm["pld"]["enabled"]), {"enabled": False})
     return configs, Plan(steps, cap_steps, global_batch, eval_interval, lrs, first_pld, described)
@@ -385,14 +519,19 @@ def report(args: argparse.Namespace, plan: Plan) -> str:
              f"Target: the reference arm **{ref}**'s mean final validation loss, {target:.4f}. Clock: training wall "
              "time from each run's first logged step (evaluations included, start-up excluded). Time per sample: "
              "the median logged training throughput, evaluations excluded. Values are mean ± sd over the seeds.",
-             "", "| arm | LN | PLD (θ̄, γ) | peak lr | final loss at budget | reached target | samples to target "
-             "| seconds to target | speed-up to target vs ref | in samples | time per sample vs ref |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", f"Layout: dp xN is data parallel over N ranks, sync or ouroboros K=k a pipeline of k stages (xN: N "
+             f"replicas) on the same {args.world_size} rank(s); every arm steps on {plan.global_batch} samples "
+             "(micro-batches per rank and step: " + ", ".join(
+                 f"{arm} {desc.get('gradient_accumulation_steps', '-')}" for arm, desc in plan.arms.items()) + ").",
+             "", "| arm | layout | LN | PLD (θ̄, γ) | peak lr | final loss at budget | reached target | samples to "
+             "target | seconds to target | speed-up to target vs ref | in samples | time per sample vs ref |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, desc in plan.arms.items():
         block = desc["pld"]
         pld_text = f"on ({block['theta']:g}, {block['gamma']:g})" if block["enabled"] else "off"
         reached = sum(run["reached"] is not None for run in result["arms"][arm].values())
-        lines.append(f"| {arm} | {desc['layer_norm']} | {pld_text} | {desc['lr']} | {_fmt(column(arm, 'final_loss'))} "
+        lines.append(f"| {arm} | {desc.get('layout', '-')} | {desc['layer_norm']} | {pld_text} | {desc['lr']} "
+                     f"| {_fmt(column(arm, 'final_loss'))} "
                      f"| {reached}/{len(seeds)} | {_fmt(column(arm, 'samples_to_target'), ',.0f')} "
                      f"| {_fmt(column(arm, 'seconds_to_target'), '.0f')} | {_fmt(column(arm, 'time_ratio'), '.2f')} "
                      f"| {_fmt(column(arm, 'sample_ratio'), '.2f')} "

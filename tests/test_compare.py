@@ -116,7 +116,7 @@ def test_report_time_to_the_references_final_loss(tmp_path):
     assert pld_run["samples_to_target"] == 30 * 16
     assert pld_run["time_ratio"] == pytest.approx(400 / 240)
     assert pld_run["time_per_sample_vs_reference"] == pytest.approx(10 / 12.5)  # medians: the slow interval is out
-    assert "| pld | pre | on (0.5, 0.01) | 0.003 | 4.1000 | 1/1 | 480 | 240 | 1.67 | 1.33 | 0.800 |" in text
+    assert "| pld | dp x1 | pre | on (0.5, 0.01) | 0.003 | 4.1000 | 1/1 | 480 | 240 | 1.67 | 1.33 | 0.800 |" in text
     assert "**pld** reaches 4.2000 sooner than baseline: 1.67x its speed, 1.33x in samples." in text
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -174,7 +174,7 @@ def test_three_arms_end_to_end_on_cpu(tmp_path, capsys):
     pld_run = json.loads((out / "pld" / "run_config.json").read_text())
     assert pld_run["model"]["layer_norm"] == "pre" and pld_run["pld"]["enabled"] and pld_run["args"]["seed"] == 7
     report = (out / "report.md").read_text()
-    assert "| postln | post | off |" in report and "| pld | pre | on (0.5, 0.01) | 1e-09 |" in report
+    assert "| postln | dp x1 | post | off |" in report and "| pld | dp x1 | pre | on (0.5, 0.01) | 1e-09 |" in report
     assert "pld-compare: report in" in capsys.readouterr().out
 
 
@@ -202,3 +202,121 @@ def test_pld_compare_on_the_mini_preset_over_real_text(tmp_path):
     assert [p["step"] for p in result["arms"]["baseline"]["42"]["eval"]] == [3, 6]
     assert result["lrs"]["pld"] == 0.002 and result["pld"]["gamma"] == 0.1
     assert (tmp_path / "out" / "report.md").read_text().startswith("# pld-compare: mini")
+
+
+# -- arms with their own parallel layout ----------------------------------------------------------------------
+
+
+def layout_args(tmp_path: Path, world: int, *arms: str, config: str = CONFIG):
+    return compare.parse_args(["--deepspeed_config", config, "--data", str(tmp_path / "data"), "--output",
+                               str(tmp_path / "out"), "--model", "tiny", "--samples", "320", "--world-size",
+                               str(world), "--launcher", f"deepspeed --num_gpus {world}",
+                               *[x for arm in arms for x in ("--arm", arm)]])
+
+
+def test_arms_with_their_own_layout_keep_the_global_batch(tmp_path):
+    """Data parallel over two ranks against a two-stage pipeline, sync and Ouroboros, on the same two ranks: one
+    replica instead of two, so two micro-batches per step instead of one; nothing else differs."""
+    args = layout_args(tmp_path, 2, "dp:stages=1", "sync:stages=2", "ouro:stages=2,schedule=ouroboros,warmup=3",
+                       "slow:stages=2,schedule=ouroboros,staleness=2")
+    configs, plan = compare.run_configs(args)
+    assert plan.global_batch == 16 * 2  # the config's: micro-batch 16, no accumulation, two replicas
+    assert "pipeline" not in configs["dp"] and configs["dp"]["gradient_accumulation_steps"] == 1
+    assert configs["sync"]["pipeline"] == {"stages": 2} and configs["sync"]["gradient_accumulation_steps"] == 2
+    assert configs["ouro"]["pipeline"] == {"stages": 2, "schedule": "ouroboros", "warmup_steps": 3}
+    assert configs["slow"]["pipeline"]["staleness"] == 2 and configs["ouro"]["gradient_accumulation_steps"] == 2
+    assert {name: arm["layout"] for name, arm in plan.arms.items()} == {
+        "dp": "dp x2", "sync": "sync K=2", "ouro": "ouroboros K=2, warm-up 3", "slow": "ouroboros K=2, staleness 2"}
+    common = [{k: v for k, v in c.items() if k not in ("pipeline", "gradient_accumulation_steps")}
+              for c in configs.values()]
+    assert all(c == common[0] for c in common)
+
+
+def test_an_arm_overrides_the_configs_pipeline(tmp_path):
+    config = json.loads(Path(CONFIG).read_text())
+    config.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2,
+                  pipeline={"stages": 2, "schedule": "ouroboros", "warmup_steps": 5})
+    (tmp_path / "pipe.json").write_text(json.dumps(config))
+    args = layout_args(tmp_path, 4, "as_is", "dp:stages=1", "sync:schedule=sync", "k4:stages=4",
+                       config=str(tmp_path / "pipe.json"))
+    configs, plan = compare.run_configs(args)
+    assert plan.global_batch == 4 * 2 * 2  # two replicas of the config's two stages
+    assert configs["as_is"]["pipeline"] == config["pipeline"] and plan.arms["as_is"]["layout"] == (
+        "ouroboros K=2 x2, warm-up 5")
+    assert "pipeline" not in configs["dp"] and configs["dp"]["gradient_accumulation_steps"] == 1  # 4 replicas
+    assert configs["sync"]["pipeline"] == {"stages": 2, "schedule": "sync"}  # Ouroboros' warm-up left behind
+    assert configs["k4"]["pipeline"]["stages"] == 4 and configs["k4"]["gradient_accumulation_steps"] == 4
+
+
+@pytest.mark.parametrize("arm, message", [
+    ("a:stages=0", "arm a: 'stages=0': expected stages=INTEGER>=1"),
+    ("a:schedule=gpipe", "arm a: 'schedule=gpipe': expected schedule=sync|ouroboros"),
+    ("a:staleness=-1", "arm a: 'staleness=-1': expected staleness=ddg|INTEGER>=0"),
+    ("a:stage=2", "arm a: 'stage=2': unknown key 'stage' (expected KEY=VALUE with KEY one of ln, pld, lr")])
+def test_bad_layout_keys_are_one_line(tmp_path, capsys, arm, message):
+    with pytest.raises(SystemExit) as exit_:
+        layout_args(tmp_path, 2, arm)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("world, arm, message", [
+    (2, "a:stages=3", "arm a: pipeline.stages: 3 stages do not divide the world size 2"),
+    (8, "a:stages=8", "arm a: pipeline.stages: 8 stages for a model of 4 layers"),
+    (2, "a:schedule=ouroboros", "arm a: schedule=ouroboros: needs a pipeline"),
+    (2, "a:stages=1,warmup=2", "arm a: warmup=2: needs a pipeline"),
+    (2, "a:stages=2,warmup=2", "arm a: warmup=2: only the ouroboros schedule has a warm-up"),
+    (2, "a:stages=2,staleness=1", "arm a: pipeline.staleness: the sync schedule has no stale gradients"),
+    (1, "a:stages=2", "arm a: pipeline.stages: 2 stages do not divide the world size 1")])
+def test_layouts_that_do_not_fit_name_the_arm_and_key(tmp_path, world, arm, message):
+    with pytest.raises(compare.ConfigError) as err:
+        compare.run_configs(layout_args(tmp_path, world, "ok", arm))
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_an_arm_that_cannot_keep_the_global_batch_says_so(tmp_path):
+    config = json.loads(Path(CONFIG).read_text())
+    config.update(pipeline={"stages": 2})  # micro-batch 16 on 2 replicas of 2 stages: 32 samples a step
+    (tmp_path / "pipe.json").write_text(json.dumps(config))
+    with pytest.raises(compare.ConfigError, match=r"arm dp: stages=1: the global batch of 32 samples is not a whole "
+                                                  r"number of micro-batches of 16 on each of its 4 replicas"):
+        compare.run_configs(layout_args(tmp_path, 4, "pipe", "dp:stages=1", config=str(tmp_path / "pipe.json")))
+
+
+@pytest.mark.slow
+def test_data_parallel_sync_and_ouroboros_arms_end_to_end(tmp_path, monkeypatch):
+    """Three layouts of the same two ranks in one report: data parallel, a sync pipeline of two stages and an
+    Ouroboros one, real runs of a tiny model through the launcher, four steps of the same global batch each."""
+    from pld_helpers import console_script, free_port, read_csv_scalar
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    make_shard_dir(tmp_path / "data", shard_sizes=(64, 64), seq_len=32, validation=32)
+    config = json.loads(Path(CONFIG).read_text())
+    config["train_micro_batch_size_per_gpu"] = 4
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    compare.main(["--deepspeed_config", str(tmp_path / "ds.json"), "--data", str(tmp_path / "data"), "--output",
+                  str(out), "--model", "tiny", "--samples", str(8 * 4), "--eval-every", "16", "--eval-batches", "2",
+                  "--seeds", "3", "--cap", "1", "--world-size", "2",
+                  "--launcher", f"{console_script('deepspeed')} --num_gpus 2 --master_port {free_port()}",
+                  "--arm", "dp:stages=1", "--arm", "sync:stages=2", "--arm", "ouro:stages=2,schedule=ouroboros"])
+    result = json.loads((out / "report.json").read_text())
+    assert result["global_batch"] == 8 and result["reference"] == "dp"
+    for arm in ("dp", "sync", "ouro"):
+        assert [p["step"] for p in result["arms"][arm]["3"]["eval"]] == [2, 4]
+        assert all(math.isfinite(p["mlm_loss"]) for p in result["arms"][arm]["3"]["eval"])
+        assert result["arms"][arm]["3"]["samples_per_sec"] > 0
+    written = {arm: json.loads((out / "configs" / f"{arm}.json").read_text()) for arm in ("dp", "sync", "ouro")}
+    assert "pipeline" not in written["dp"] and written["ouro"]["pipeline"] == {"stages": 2, "schedule": "ouroboros"}
+    for arm, accumulation in (("dp", 1), ("sync", 2), ("ouro", 2)):  # what each run's engine took
+        resolved = json.loads((out / arm / "run_config.json").read_text())["deepspeed"]
+        assert resolved["gradient_accumulation_steps"] == accumulation
+    # what each pipeline ran: the last stage is never stale; Ouroboros' stage 0 is one step stale, sync's is not
+    for arm, stale in (("sync", 0.0), ("ouro", 1.0)):
+        rows = read_csv_scalar(out / arm / "csv" / "run" / "pipeline_staleness_stage0.csv")
+        assert rows and all(value == stale for _, value in rows), (arm, rows)
+    assert not (out / "dp" / "csv" / "run" / "pipeline_staleness_stage0.csv").exists()
+    report = (out / "report.md").read_text()
+    assert "| dp | dp x2 | pre | off | 0.003 |" in report  # no arm asks for PLD
+    assert "| sync | sync K=2 | pre |" in report and "| ouro | ouroboros K=2 | pre |" in report
+    assert "micro-batches per rank and step: dp 1, sync 2, ouro 2" in report
