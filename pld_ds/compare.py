@@ -282,9 +282,9 @@ def arm_layout(full: dict[str, Any], arm: Arm, world_size: int, num_layers: int,
 
 def layout_text(block: dict[str, Any] | None, world_size: int) -> str:
     """How an arm's ranks are laid out, for the report: `dp x2`, `sync K=2`, `ouroboros K=2 x2, warm-up 10`."""
-    if block is None:
+    pipe = PipelineConfig.from_dict(block) if block is not None else PipelineConfig()
+    if pipe.stages == 1:
         return f"dp x{world_size}"
-    pipe = PipelineConfig.from_dict(block)
     text = f"{pipe.schedule} K={pipe.stages}"
     if world_size // pipe.stages > 1:
         text += f" x{world_size // pipe.stages}"
