@@ -930,3 +930,21 @@ def test_cutting_padding_columns_leaves_the_loss_unchanged(tmp_path):
     with torch.no_grad():
         cut, full = model(**batch), model(**padded)
     assert torch.allclose(cut.loss, full.loss, atol=1e-6) and torch.allclose(cut.mlm_logits, full.mlm_logits, atol=1e-5)
+
+
+def test_prefetch_threads_left_open_are_stopped_before_the_interpreter_exits(paths):
+    """A stream still referenced at the end of a program (here: a generator never closed) keeps its daemon
+    prefetch thread; the exit handler stops and joins it, so no thread is inside h5py or torch when the
+    interpreter finalizes (which aborts the process after a finished run)."""
+    import threading
+
+    from pld_ds.data.loader import _Prefetch
+
+    stream = iter(ShardBatches(paths, micro_batch=4, vocab_size=VOCAB_SIZE, prefetch=2))
+    next(stream)
+    live = [t for t in threading.enumerate() if t.name == "ShardBatches-prefetch" and t.is_alive()]
+    assert live, "the stream should have a prefetch thread running"
+    _Prefetch.close_all()  # what the exit handler registered by pld_ds.data.loader runs
+    assert not any(t.is_alive() for t in live)
+    assert not list(_Prefetch._live)
+    stream.close()

@@ -16,10 +16,12 @@ caller.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -152,14 +154,27 @@ _DONE = object()
 
 
 class _Prefetch:
-    """make(position) for each position in order, on a daemon thread, at most ``depth`` ahead."""
+    """make(position) for each position in order, on a daemon thread, at most ``depth`` ahead.
+
+    A stream nobody closed (a generator still referenced, or in a reference cycle, when the program ends) is
+    closed at exit, before the interpreter finalizes: a daemon thread still inside h5py or torch then would be
+    unwound out of C++ code, and the process would abort ("terminate called without an active exception")
+    after a run that had finished and saved everything."""
+
+    _live: weakref.WeakSet[_Prefetch] = weakref.WeakSet()
 
     def __init__(self, make: Callable[[int, int], Batch], positions: Iterable[Position], depth: int) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(make, positions), daemon=True,
                                         name="ShardBatches-prefetch")
+        self._live.add(self)
         self._thread.start()
+
+    @classmethod
+    def close_all(cls) -> None:
+        for ahead in list(cls._live):
+            ahead.close()
 
     def _run(self, make: Callable[[int, int], Batch], positions: Iterable[Position]) -> None:
         try:
@@ -196,6 +211,10 @@ class _Prefetch:
             while True:  # unblock a put in progress
                 self._queue.get_nowait()
         self._thread.join()
+        self._live.discard(self)
+
+
+atexit.register(_Prefetch.close_all)
 
 
 def _batch_lengths(buckets: Sequence[int] | None, seq_len: int, where: Path) -> tuple[int, ...]:
