@@ -6,7 +6,7 @@ Runs ``pld-prep`` in a child process into a fresh folder (seq 128, dupe factor 5
 pld-prep's defaults unless overridden) and prints wall time, input tokens/s (the manifest's
 total_tokens over the wall time, start-up included), instances and peak memory.
 
-Memory: the process tree (pld-prep and its spawn workers) is sampled from /proc every 0.1 s; the
+Memory: the process tree (pld-prep and the workers it forks) is sampled from /proc every 0.1 s; the
 peak of the summed RSS counts shared pages (libraries, the interpreter) once per process, so it
 overstates; the peak of the summed PSS shares them out and is the better figure for "RAM the run
 needs". getrusage(RUSAGE_CHILDREN) gives the largest single process's peak RSS, not a sum.
