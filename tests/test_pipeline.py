@@ -371,3 +371,49 @@ def test_pld_compare_runs_both_arms_on_the_same_pipeline(tmp_path):
                               "--launcher", "deepspeed --num_gpus 3"])
     with pytest.raises(ConfigError, match=r"pipeline\.stages: 2 stages do not divide --world-size 3"):
         compare.run_configs(bad)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_stage_stops_both_at_one_step_and_resumes(tmp_path, shard_dir):
+    """SIGTERM reaches only stage 0 (rank 1) of an Ouroboros pipeline run through the launcher: both stages stop at
+    the same step (the pre-emption check agrees one step late), save it and exit 143; --resume auto then logs the
+    losses of an uninterrupted run for every step (no batch repeated or skipped)."""
+    import re
+    import signal
+
+    import psutil
+    from fault_injection import Run
+
+    config = pipeline_ds_config(tmp_path, schedule="ouroboros")
+    common = ["--deepspeed_config", config, "--data", str(shard_dir), "--model", "tiny", "--log-interval", "1",
+              "--eval-batches", "2", "--max-steps", "8"]
+    launch(tmp_path, [*common, "--output", str(tmp_path / "straight")], "straight")
+    split = [*common, "--output", str(tmp_path / "split"), "--resume", "auto"]
+    run = Run([console_script("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+               "pld_ds.pretrain", *split])
+    try:
+        assert run.wait_for(lambda: run.last_step >= 2, timeout=TIMEOUT), "".join(run.lines[-20:])
+        stage0 = [p for p in psutil.Process(run.proc.pid).children(recursive=True)
+                  if "pld_ds.pretrain" in " ".join(p.cmdline()) and "--local_rank=1" in " ".join(p.cmdline())]
+        assert len(stage0) == 1
+        stage0[0].send_signal(signal.SIGTERM)
+        run.proc.wait(timeout=TIMEOUT)
+        assert run.finish() == 128 + signal.SIGTERM, "".join(run.lines[-30:])
+    finally:
+        if run.proc.poll() is None:
+            for child in psutil.Process(run.proc.pid).children(recursive=True):
+                child.kill()
+            run.proc.kill()
+            run.finish()
+    text = "".join(run.lines)
+    (tmp_path / "stopped.log").write_text(text)
+    stopped = {int(n) for n in re.findall(r"stopped by SIGTERM at step (\d+)", text)}
+    assert len(stopped) == 1 and 3 <= min(stopped) < 8, stopped  # the stop the ranks agreed on, after step 2
+    step = stopped.pop()
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints" / f"global_step{step}").iterdir()) == [
+        "stage00", "stage01"]
+    launch(tmp_path, split, "resumed")
+    straight = read_csv_scalar(tmp_path / "straight" / "csv" / "run" / "train_loss.csv")
+    resumed = read_csv_scalar(tmp_path / "split" / "csv" / "run" / "train_loss.csv")
+    assert [s for s, _ in straight] == list(range(1, 9))
+    assert dict(resumed) == pytest.approx(dict(straight), rel=1e-6)
