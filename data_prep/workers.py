@@ -1,11 +1,11 @@
 """pld-prep's worker processes, started before the parent loads anything heavy.
 
 A worker's start-up is mostly importing numpy, tokenizers, blingfire and h5py and loading the
-vocabulary. ``start_pool`` is called by the command line right after the arguments are
-parsed, before the parent imports the pipeline itself, and returns at once: a thread waits for the
-processes to come up, so the workers' start-up runs while the parent does its own (imports,
-vocabulary check, reading the first batch), instead of before or after it. This module imports
-only the standard library for that reason.
+vocabulary. The command line calls ``start_pool`` right after parsing its arguments, while it is
+still single-threaded: it imports those modules once and forks the workers from itself, which then
+load the vocabulary while it checks its inputs and reads the first batch. Other callers get
+workers from a forkserver that imports the same modules, and ``start_pool`` returns at once while
+a thread waits for it. This module imports only the standard library for that reason.
 
 The pool carries no per-run state: each task brings the run's settings (see
 ``pipeline._use_context``), so the same processes serve whatever run they are handed to.
